@@ -1,0 +1,233 @@
+"""The ``moriio-proxy`` command: ``serve``, ``sim`` and ``demo``.
+
+Exit codes: 0 clean shutdown, 2 bad usage or configuration (one line on stderr), 1 for
+anything else (a port already taken, an engine that died in the simulator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import OPTIONS, ConfigError, ProxyConfig, load_config
+
+log = logging.getLogger("moriio_proxy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moriio-proxy",
+        description="Prefill/decode proxy for vLLM's MoRI-IO KV connector.",
+    )
+    parser.add_argument("--version", action="version", version=f"moriio-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the proxy. Flags override MORIIO_PROXY_* environment variables, "
+        "which override the --config YAML file, which overrides the defaults shown.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="YAML file of settings (and instances)")
+    defaults = ProxyConfig()
+    for option in OPTIONS:
+        default = getattr(defaults, option.name)
+        if isinstance(default, tuple):
+            default = ",".join(str(x) for x in default) or "any"
+        serve.add_argument(
+            option.flag,
+            dest=option.name,
+            default=None,
+            metavar=option.name.split("_")[-1].upper(),
+            help=f"{option.help} [env {option.env}] (default: {default})",
+        )
+
+    sim = sub.add_parser(
+        "sim",
+        help="run one simulated vLLM MoRI-IO instance",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sim.add_argument("--role", choices=("P", "D"), required=True, help="prefill or decode")
+    sim.add_argument("--host", default="127.0.0.1", help="bind and advertised address")
+    sim.add_argument("--port", type=int, default=0, help="HTTP port (0: any free port)")
+    sim.add_argument(
+        "--proxy", default="127.0.0.1:36367", help="HOST:PORT of the proxy's discovery port"
+    )
+    sim.add_argument("--mode", choices=("READ", "WRITE"), default="READ", type=str.upper)
+    sim.add_argument("--dp-size", type=int, default=1)
+    sim.add_argument("--tp-size", type=int, default=1)
+    sim.add_argument("--model", default="sim-model")
+    sim.add_argument("--handshake-port", type=int, default=0, help="base port (0: pick)")
+    sim.add_argument("--notify-port", type=int, default=0, help="base port (0: pick)")
+    sim.add_argument("--heartbeat-interval", type=float, default=3.0)
+    sim.add_argument("--prefill-latency", type=float, default=0.0, help="seconds per prefill")
+    sim.add_argument("--token-latency", type=float, default=0.0, help="seconds per token")
+
+    demo = sub.add_parser(
+        "demo",
+        help="proxy + 1 simulated P + 1 simulated D on localhost",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--port", type=int, default=10001, help="proxy HTTP port")
+    demo.add_argument("--discovery-port", type=int, default=36367)
+    demo.add_argument("--mode", choices=("READ", "WRITE"), default="READ", type=str.upper)
+    demo.add_argument("--token-latency", type=float, default=0.02, help="seconds per token")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            cli_values = {o.name: getattr(args, o.name) for o in OPTIONS}
+            config = load_config(cli_values, config_file=args.config)
+            _setup_logging(config.log_level)
+            return asyncio.run(_serve(config))
+        if args.command == "sim":
+            _setup_logging("info")
+            return asyncio.run(_sim(args))
+        _setup_logging("info")
+        return asyncio.run(_demo(args))
+    except ConfigError as exc:
+        print(f"moriio-proxy: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a simulator setting the dataclass refused
+        print(f"moriio-proxy: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"moriio-proxy: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _stop_event() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, so shutdown is always the clean path."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> int:
+    from .app import create_app, state
+    from .server import bind_listener, serve
+
+    stop = stop or _stop_event()
+    sock = bind_listener(config.host, config.port)
+    app = create_app(config)
+    try:
+        await state(app).start()
+    except OSError:
+        sock.close()
+        raise
+    log.info(
+        "moriio-proxy %s serving OpenAI on http://%s:%s (discovery tcp://%s:%s)",
+        __version__,
+        config.host,
+        sock.getsockname()[1],
+        config.discovery_host,
+        config.discovery_port,
+    )
+    try:
+        await serve(app, sock, stop.wait)
+    finally:
+        await state(app).stop()
+        sock.close()
+    return 0
+
+
+async def _sim(args: argparse.Namespace) -> int:
+    from .sim import SimConfig, run_sim
+
+    config = SimConfig(
+        role=args.role,
+        host=args.host,
+        port=args.port,
+        proxy=args.proxy or None,
+        mode=args.mode,
+        dp_size=args.dp_size,
+        tp_size=args.tp_size,
+        model=args.model,
+        handshake_port=args.handshake_port,
+        notify_port=args.notify_port,
+        heartbeat_interval=args.heartbeat_interval,
+        prefill_latency=args.prefill_latency,
+        token_latency=args.token_latency,
+    )
+    return await run_sim(config)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .sim import SimConfig, SimInstance
+
+    stop = _stop_event()
+    config = load_config(
+        {
+            "host": "127.0.0.1",
+            "port": args.port,
+            "discovery_host": "127.0.0.1",
+            "discovery_port": args.discovery_port,
+        },
+        env={},
+    )
+    proxy_task = asyncio.create_task(_serve(config, stop))
+    await asyncio.sleep(0.3)  # the discovery port is bound before the sims start knocking
+    if proxy_task.done():
+        return proxy_task.result()
+    sims: list[Any] = []
+    try:
+        for role in ("P", "D"):
+            sim = SimInstance(
+                SimConfig(
+                    role=role,
+                    proxy=f"127.0.0.1:{args.discovery_port}",
+                    mode=args.mode,
+                    token_latency=args.token_latency,
+                    heartbeat_interval=1.0,
+                )
+            )
+            await sim.start()
+            sims.append(sim)
+        print(_demo_banner(args.port, args.mode, sims), flush=True)
+        await asyncio.wait(
+            {proxy_task, asyncio.ensure_future(stop.wait())},
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        stop.set()
+        return await proxy_task
+    finally:
+        for sim in sims:
+            await sim.stop()
+        stop.set()
+
+
+def _demo_banner(port: int, mode: str, sims: Sequence[Any]) -> str:
+    url = f"http://127.0.0.1:{port}"
+    lines = [
+        f"moriio-proxy demo ({mode} mode) is up: proxy {url}",
+        *(f"  simulated {s.config.role}: {s.url}  kv {s.zmq_address}" for s in sims),
+        "",
+        "Try it (Ctrl-C stops the demo):",
+        f"  curl -s {url}/v1/completions -H 'Content-Type: application/json' \\",
+        '    -d \'{"model": "sim-model", "prompt": "The capital of France is", "max_tokens": 8}\'',
+        f"  curl -s {url}/admin/instances",
+    ]
+    return "\n".join(lines)

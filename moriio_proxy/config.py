@@ -1,0 +1,223 @@
+"""ProxyConfig: one frozen value built from CLI flags > MORIIO_PROXY_* env > YAML > defaults.
+
+Every option is declared once in ``OPTIONS`` so the command line, the environment, the
+YAML file and the README cannot drift apart; every bad value becomes one line that names
+the flag, which the CLI prints before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .protocol import Instance, RegistrationError, parse_registration
+
+ENV_PREFIX = "MORIIO_PROXY_"
+POLICIES = ("round_robin", "least_loaded")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    host: str = "0.0.0.0"
+    port: int = 10001
+    discovery_host: str = "0.0.0.0"
+    discovery_port: int = 36367
+    discovery_allow: tuple[Network, ...] = ()
+    instance_ttl: float = 10.0
+    transfer_mode: str = "auto"
+    prefill_policy: str = "least_loaded"
+    decode_policy: str = "least_loaded"
+    connect_timeout: float = 5.0
+    prefill_timeout: float = 300.0
+    decode_first_byte_timeout: float = 300.0
+    stream_idle_timeout: float = 120.0
+    max_retries: int = 1
+    max_body_bytes: int = 16 * 1024 * 1024
+    log_level: str = "info"
+    static_instances: tuple[Instance, ...] = field(default=())
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def _positive_float(text: Any) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _port(text: Any) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return value
+
+
+def _non_negative_int(text: Any) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _positive_int(text: Any) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(text: Any) -> str:
+        value = str(text).strip()
+        lowered = {a.lower(): a for a in allowed}
+        if value.lower() not in lowered:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return lowered[value.lower()]
+
+    return parse
+
+
+def _networks(text: Any) -> tuple[Network, ...]:
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        return tuple(ipaddress.ip_network(str(i).strip(), strict=False) for i in items if i)
+    except ValueError as exc:
+        raise ValueError(f"must be comma-separated networks like 10.0.0.0/8 ({exc})") from None
+
+
+def _host(text: Any) -> str:
+    value = str(text).strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its flag, how to parse it, and the help line the CLI shows."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", _host, "HTTP bind address"),
+    Option("port", _port, "HTTP port for OpenAI clients"),
+    Option("discovery_host", _host, "ZMQ ROUTER bind address for vLLM heartbeats"),
+    Option("discovery_port", _port, "ZMQ ROUTER port (vLLM's proxy_ping_port)"),
+    Option(
+        "discovery_allow",
+        _networks,
+        "comma-separated source networks allowed to register (default: any)",
+    ),
+    Option("instance_ttl", _positive_float, "seconds without a heartbeat before eviction"),
+    Option(
+        "transfer_mode",
+        _choice("auto", "READ", "WRITE"),
+        "pin the KV transfer mode (auto: the first instance's mode)",
+    ),
+    Option("prefill_policy", _choice(*POLICIES), "how the prefill instance is chosen"),
+    Option("decode_policy", _choice(*POLICIES), "how the decode instance is chosen"),
+    Option("connect_timeout", _positive_float, "seconds to open an upstream connection"),
+    Option("prefill_timeout", _positive_float, "seconds for the whole prefill leg"),
+    Option(
+        "decode_first_byte_timeout",
+        _positive_float,
+        "seconds until the decode leg's response starts",
+    ),
+    Option("stream_idle_timeout", _positive_float, "seconds allowed between decode stream chunks"),
+    Option(
+        "max_retries",
+        _non_negative_int,
+        "retries on a fresh pair when an instance refuses connections before any byte is sent",
+    ),
+    Option("max_body_bytes", _positive_int, "largest accepted request body"),
+    Option("log_level", _choice("debug", "info", "warning", "error", "critical"), "logging level"),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def load_config(
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+) -> ProxyConfig:
+    """Merge the sources in precedence order; raise ConfigError naming the bad flag."""
+    values: dict[str, Any] = {}
+    file_values = _read_yaml(config_file) if config_file else {}
+    statics = file_values.pop("instances", None)
+    for key, raw in file_values.items():
+        name = key.replace("-", "_")
+        if name not in _BY_NAME:
+            raise ConfigError(f"{config_file}: unknown setting {key!r}")
+        values[name] = _parse(_BY_NAME[name], raw, f"{config_file}: {key}")
+    for option in OPTIONS:
+        raw = (env if env is not None else os.environ).get(option.env)
+        if raw is not None and raw != "":
+            values[option.name] = _parse(option, raw, option.env)
+    for name, raw in (cli or {}).items():
+        if raw is not None:
+            values[name] = _parse(_BY_NAME[name], raw, _BY_NAME[name].flag)
+    if statics is not None:
+        values["static_instances"] = _static_instances(statics, config_file)
+    known = {f.name for f in fields(ProxyConfig)}
+    return ProxyConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def _parse(option: Option, raw: Any, where: str) -> Any:
+    try:
+        return option.parse(raw)
+    except (TypeError, ValueError) as exc:
+        detail = str(exc)
+        if "invalid literal" in detail or "could not convert" in detail:
+            detail = "is not a number"
+        raise ConfigError(f"{where}: {detail} (got {raw!r})") from None
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config: {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of settings")
+    return data
+
+
+def _static_instances(items: Any, where: Any) -> tuple[Instance, ...]:
+    """Instances listed in the YAML file, in the heartbeat's own shape; they never expire."""
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: instances must be a list of registration maps")
+    parsed = []
+    for number, item in enumerate(items, 1):
+        try:
+            parsed.append(parse_registration(item))
+        except RegistrationError as exc:
+            raise ConfigError(f"{where}: instances[{number}]: {exc}") from None
+    return tuple(parsed)

@@ -1,0 +1,506 @@
+"""One request's way through a prefill/decode pair.
+
+READ mode is strictly serial (decode needs the block ids prefill returns); WRITE mode
+sends both legs at once (decode allocates and tells prefill where to write). In both,
+the prefill answer is awaited and checked before a byte reaches the client, so a failed
+prefill becomes one clear error and never a decode that waits forever for KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .metrics import Metrics
+from .policies import Policy, RankPicker
+from .protocol import (
+    ClientRequest,
+    Endpoint,
+    Instance,
+    TransferMode,
+    build_decode_leg,
+    build_prefill_leg,
+    check_read_params,
+    error_body,
+    new_request_id,
+    new_transfer_id,
+    prefill_as_answer,
+    rewrite_id,
+)
+from .registry import Entry, Registry
+from .upstream import Upstream, UpstreamError, UpstreamStatusError
+
+log = logging.getLogger("moriio_proxy.disagg")
+
+_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_DONE = b"data: [DONE]\n\n"
+_INTERNAL_ID_RE = re.compile(r"___prefill_addr_.*?___decode_addr_.*?_[0-9a-f]{32}")
+
+
+class ProxyError(Exception):
+    """What the client is told when a request cannot be served: a status and a message."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        err_type: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.status, self.err_type, self.param)
+
+
+@dataclass
+class JsonAnswer:
+    body: dict[str, Any]
+    status: int = 200
+
+
+@dataclass
+class StreamAnswer:
+    """SSE bytes for the client. Iterate it or ``close()`` it: either way upstream is freed."""
+
+    chunks: Relay
+
+
+@dataclass
+class _Pair:
+    prefill: Entry
+    rank: int
+    decode: Entry
+
+
+class _LegFailure(Exception):
+    """An UpstreamError plus which leg and instance it came from (for retries and logs)."""
+
+    def __init__(self, leg: str, entry: Entry, error: UpstreamError) -> None:
+        super().__init__(f"{leg} leg to {entry.instance.http_address}: {error.message}")
+        self.leg = leg
+        self.entry = entry
+        self.error = error
+
+
+def client_id(header: str | None) -> str:
+    """The id the client will see: its own X-Request-Id when that is safe to echo."""
+    if header and _CLIENT_ID_RE.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
+
+class Disaggregator:
+    def __init__(
+        self,
+        registry: Registry,
+        upstream: Upstream,
+        metrics: Metrics,
+        *,
+        prefill_policy: Policy,
+        decode_policy: Policy,
+        max_retries: int,
+    ) -> None:
+        self.registry = registry
+        self.upstream = upstream
+        self.metrics = metrics
+        self.prefill_policy = prefill_policy
+        self.decode_policy = decode_policy
+        self.max_retries = max_retries
+        self.ranks = RankPicker()
+        registry.instance_removed.connect(self._forget, sender=registry, weak=False)
+
+    def _forget(self, _sender: Any, entry: Entry, **_: Any) -> None:
+        self.ranks.forget([entry.instance.key])
+
+    async def handle(self, request: ClientRequest, public_suffix: str) -> JsonAnswer | StreamAnswer:
+        """Serve one client request; raise ProxyError for anything the client must be told.
+
+        A pair whose instance refused the connection is replaced by a fresh pair (without
+        that instance) up to ``max_retries`` times: nothing reached the client yet.
+        """
+        excluded: set[tuple[str, str]] = set()
+        attempt = 0
+        while True:
+            pair = self._choose(excluded)
+            try:
+                return await self._attempt(request, pair, public_suffix)
+            except _LegFailure as failure:
+                self.metrics.upstream_errors.labels(failure.leg, failure.error.kind).inc()
+                log.warning(
+                    "%s leg to %s failed (%s): %s",
+                    failure.leg,
+                    failure.entry.instance.http_address,
+                    failure.error.kind,
+                    failure.error.message,
+                )
+                if failure.error.retryable and attempt < self.max_retries:
+                    attempt += 1
+                    excluded.add(failure.entry.instance.key)
+                    self.metrics.retries.inc()
+                    continue
+                raise _client_error(failure, public_suffix) from None
+
+    # ------------------------------------------------------------------ choosing a pair
+
+    def _choose(self, excluded: set[tuple[str, str]]) -> _Pair:
+        prefills = [e for e in self.registry.healthy("P") if e.instance.key not in excluded]
+        decodes = [e for e in self.registry.healthy("D") if e.instance.key not in excluded]
+        if not prefills or not decodes:
+            missing = " and ".join(
+                name for name, group in (("prefill", prefills), ("decode", decodes)) if not group
+            )
+            raise ProxyError(
+                503,
+                f"no {missing} instance is available; check that vLLM instances are running "
+                "with MoRIIOConnector and proxy_ip/proxy_ping_port pointing at this proxy",
+                headers={"Retry-After": "1"},
+            )
+        prefill = self.prefill_policy.choose(prefills)
+        decode = self.decode_policy.choose(decodes)
+        return _Pair(prefill, self.ranks.pick(prefill), decode)
+
+    # ---------------------------------------------------------------------- one attempt
+
+    async def _attempt(
+        self, request: ClientRequest, pair: _Pair, suffix: str
+    ) -> JsonAnswer | StreamAnswer:
+        mode = self.registry.mode or pair.prefill.instance.transfer_mode
+        p, d = pair.prefill.instance, pair.decode.instance
+        transfer_id = new_transfer_id()
+        request_id = new_request_id(p, d)
+        scrub = _Scrubber(request_id, suffix, request.endpoint)
+        prefill_leg = build_prefill_leg(
+            request, p, d, transfer_id=transfer_id, request_id=request_id, dp_rank=pair.rank
+        )
+
+        async def run_prefill() -> dict[str, Any]:
+            started = time.monotonic()
+            with self.registry.track(pair.prefill, pair.rank):
+                try:
+                    payload = await self.upstream.post_json(
+                        prefill_leg, self.upstream.timeouts.prefill
+                    )
+                except UpstreamError as exc:
+                    raise _LegFailure("prefill", pair.prefill, exc) from None
+            self.metrics.prefill_seconds.observe(time.monotonic() - started)
+            return payload
+
+        def decode_leg(params: dict[str, Any] | None) -> Any:
+            return build_decode_leg(
+                request,
+                p,
+                d,
+                mode=mode,
+                transfer_id=transfer_id,
+                request_id=request_id,
+                dp_rank=pair.rank,
+                prefill_params=params,
+            )
+
+        if mode == "READ":
+            payload = await run_prefill()
+            params = self._usable_params(payload, request, p, transfer_id, mode)
+            if params is None:
+                return self._prefill_answer(payload, request, scrub)
+            return await self._decode(request, pair.decode, decode_leg(params), scrub)
+        return await self._write(request, pair, run_prefill, decode_leg(None), scrub)
+
+    async def _write(
+        self,
+        request: ClientRequest,
+        pair: _Pair,
+        run_prefill: Callable[[], Any],
+        leg: Any,
+        scrub: _Scrubber,
+    ) -> JsonAnswer | StreamAnswer:
+        """Both legs at once; the answer waits for prefill's verdict before any byte."""
+        p_task: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(run_prefill())
+        d_task = asyncio.ensure_future(self._decode(request, pair.decode, leg, scrub))
+        answer: JsonAnswer | StreamAnswer | None = None
+        try:
+            while not p_task.done():
+                await asyncio.wait({p_task, d_task}, return_when=asyncio.FIRST_COMPLETED)
+                if d_task.done() and d_task.exception() is not None:
+                    await d_task  # decode failed first: report it; prefill is cancelled below
+            payload = await p_task
+            if self._usable_params(payload, request, pair.prefill.instance, "", "WRITE") is None:
+                return self._prefill_answer(payload, request, scrub)
+            answer = await d_task
+            return answer
+        finally:
+            await self._abandon(p_task, d_task, keep=answer)
+
+    async def _abandon(
+        self, p_task: asyncio.Future[Any], d_task: asyncio.Future[Any], keep: Any
+    ) -> None:
+        """Cancel whatever leg is still running and free a decode answer nobody will read.
+
+        A WRITE decode cancelled before its KV arrived is counted: vLLM 0.32 keeps its
+        blocks (protocol.md section 4).
+        """
+        if not d_task.done():
+            self.metrics.decode_aborted_before_kv.inc()
+        p_task.cancel()
+        d_task.cancel()
+        await asyncio.gather(p_task, d_task, return_exceptions=True)
+        if d_task.cancelled() or d_task.exception() is not None:
+            return
+        unused = d_task.result()
+        if unused is not keep and isinstance(unused, StreamAnswer):
+            unused.chunks.close()
+
+    def _usable_params(
+        self,
+        payload: dict[str, Any],
+        request: ClientRequest,
+        prefill: Instance,
+        transfer_id: str,
+        mode: TransferMode,
+    ) -> dict[str, Any] | None:
+        """P's kv_transfer_params, or None when P's answer is already the whole answer.
+
+        A null with a length-capped token means the prefill is not acting as a KV
+        producer (no connector, wrong kv_role): answering with its one token would
+        silently truncate the client's answer, so that is an error.
+        """
+        params = payload.get("kv_transfer_params")
+        if params is None:
+            if _finished_by_itself(payload) or _wanted_tokens(request.body) == 1:
+                self.metrics.null_kv_params.inc()
+                return None
+            raise ProxyError(
+                502,
+                "the prefill instance returned no kv_transfer_params although the request "
+                "was not finished; check that it runs MoRIIOConnector with "
+                "kv_role kv_producer",
+            )
+        if mode == "READ":
+            problem = check_read_params(params, transfer_id)
+            if problem is not None:
+                log.error("prefill %s returned unusable params: %s", prefill.http_address, problem)
+                raise ProxyError(
+                    502, f"the prefill instance returned unusable kv_transfer_params: {problem}"
+                )
+        return params
+
+    def _prefill_answer(
+        self, payload: dict[str, Any], request: ClientRequest, scrub: _Scrubber
+    ) -> JsonAnswer | StreamAnswer:
+        body = scrub.json(payload)
+        if not request.stream:
+            return JsonAnswer(body)
+        events = [
+            _event(c) for c in prefill_as_answer(body, request.endpoint, request.include_usage)
+        ]
+        return StreamAnswer(Relay.from_events([*events, _DONE], scrub))
+
+    async def _decode(
+        self, request: ClientRequest, entry: Entry, leg: Any, scrub: _Scrubber
+    ) -> JsonAnswer | StreamAnswer:
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.registry.track(entry))
+        try:
+            if not request.stream:
+                try:
+                    payload = await self.upstream.post_json(leg, self.upstream.timeouts.first_byte)
+                except UpstreamError as exc:
+                    raise _LegFailure("decode", entry, exc) from None
+                return JsonAnswer(scrub.json(payload))
+            try:
+                resp = await self.upstream.open_stream(leg)
+            except UpstreamError as exc:
+                raise _LegFailure("decode", entry, exc) from None
+            stack.callback(resp.close)
+            relay = Relay(self.upstream.lines(resp), scrub, stack)
+            try:
+                await relay.prime()
+            except UpstreamError as exc:
+                raise _LegFailure("decode", entry, exc) from None
+            stack = contextlib.ExitStack()  # the relay owns the cleanup now
+            return StreamAnswer(relay)
+        finally:
+            stack.close()
+
+
+class _Scrubber:
+    """Swaps vLLM's internal request id (which names internal addresses) for the public one."""
+
+    def __init__(self, internal_id: str, suffix: str, endpoint: Endpoint) -> None:
+        self.internal = internal_id
+        self.suffix = suffix
+        self.public_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + suffix
+        self._internal_bytes = internal_id.encode()
+        self._suffix_bytes = suffix.encode()
+
+    def text(self, value: str) -> str:
+        return value.replace(self.internal, self.suffix)
+
+    def line(self, raw: bytes) -> bytes:
+        return raw.replace(self._internal_bytes, self._suffix_bytes)
+
+    def json(self, payload: dict[str, Any]) -> dict[str, Any]:
+        rewritten = rewrite_id(payload, self.public_id)
+        dumped = json.dumps(rewritten)
+        if self.internal in dumped:  # e.g. echoed in an error message or a nested id
+            rewritten = json.loads(dumped.replace(self.internal, self.suffix))
+        return rewritten
+
+
+class Relay:
+    """The decode stream as client-ready SSE events, with the internal id scrubbed.
+
+    It is its own async iterator with a synchronous ``close()``, so upstream resources
+    are freed whether the client reads to the end, disconnects mid-stream, or goes away
+    before the first byte (Quart then never starts iterating).
+    """
+
+    def __init__(
+        self,
+        lines: AsyncIterator[bytes] | None,
+        scrub: _Scrubber,
+        stack: contextlib.ExitStack | None = None,
+        events: list[bytes] | None = None,
+    ) -> None:
+        self._lines = lines
+        self._scrub = scrub
+        self._stack = stack or contextlib.ExitStack()
+        self._pending: list[bytes] = list(events or [])
+        self._done = lines is None
+        self._closed = False
+        self.handed_out = False
+        self.saw_done = False
+        self.on_first_byte: Callable[[], None] | None = None
+
+    @classmethod
+    def from_events(cls, events: list[bytes], scrub: _Scrubber) -> Relay:
+        return cls(None, scrub, events=events)
+
+    async def prime(self) -> None:
+        """Read the first event before the response is committed, so an early failure can
+        still become an HTTP status (and a retry) instead of an SSE error."""
+        event = await self._read_event()
+        if event is not None:
+            self._pending.append(event)
+
+    def __aiter__(self) -> Relay:
+        self.handed_out = True
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._pending:
+            return self._first(self._pending.pop(0))
+        if self._done or self._closed:
+            self.close()
+            raise StopAsyncIteration
+        try:
+            event = await self._read_event()
+        except UpstreamError as exc:
+            log.warning("decode stream failed after the first byte: %s", exc.message)
+            self._done = True
+            error = error_body(f"decode stream failed: {_public_message(exc)}", exc.status)
+            self._pending.append(_DONE)
+            return _event(error)
+        except BaseException:
+            self.close()
+            raise
+        if event is None:
+            self._done = True
+            if not self.saw_done:
+                error = error_body("the decode instance ended the stream early", 502)
+                self._pending.append(_DONE)
+                return _event(error)
+            self.close()
+            raise StopAsyncIteration
+        return self._first(event)
+
+    def _first(self, event: bytes) -> bytes:
+        if self.on_first_byte is not None:
+            self.on_first_byte()
+            self.on_first_byte = None
+        return event
+
+    async def _read_event(self) -> bytes | None:
+        """Lines up to a blank line, as one SSE event; None at the end of the stream."""
+        assert self._lines is not None
+        parts: list[bytes] = []
+        async for line in self._lines:
+            if line in (b"\n", b"\r\n"):
+                if parts:
+                    parts.append(b"\n")
+                    return b"".join(parts)
+                continue
+            if line.strip() == b"data: [DONE]":
+                self.saw_done = True
+            parts.append(self._scrub.line(line))
+        if parts:
+            parts.append(b"\n")
+            return b"".join(parts)
+        return None
+
+    def add_close_callback(self, callback: Callable[[], None]) -> None:
+        self._stack.callback(callback)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Abort the upstream response and release the in-flight counters (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stack.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _event(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _finished_by_itself(payload: dict[str, Any]) -> bool:
+    choices = payload.get("choices") or []
+    return bool(choices) and all(c.get("finish_reason") not in (None, "length") for c in choices)
+
+
+def _wanted_tokens(body: dict[str, Any]) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _public_message(error: UpstreamError) -> str:
+    """The part of an upstream failure a client may see: no internal addresses."""
+    if isinstance(error, UpstreamStatusError):
+        return f"HTTP {error.status}"
+    return {"timeout": "timed out", "connect": "unreachable"}.get(error.kind, "connection lost")
+
+
+def _client_error(failure: _LegFailure, suffix: str) -> ProxyError:
+    error = failure.error
+    if isinstance(error, UpstreamStatusError) and 400 <= error.status < 500:
+        # The engine judged the request itself (too long, bad parameter): pass it through.
+        payload = error.payload if isinstance(error.payload, dict) else None
+        inner = payload.get("error") if payload else None
+        param = inner.get("param") if isinstance(inner, dict) else None
+        return ProxyError(error.status, _INTERNAL_ID_RE.sub(suffix, error.message), param=param)
+    status = 504 if error.kind == "timeout" else 502
+    return ProxyError(status, f"the {failure.leg} instance failed: {_public_message(error)}")

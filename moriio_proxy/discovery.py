@@ -1,0 +1,209 @@
+"""The ZMQ ROUTER that vLLM's MoRI-IO heartbeats reach, and the sweeper that evicts silence.
+
+The listener is the proxy's only unauthenticated input from the network, so it must
+survive any bytes: every frame is judged by ``accept()``, which counts and (rate-limited)
+logs what it refuses and never raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Sequence
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from .config import Network
+from .metrics import Metrics
+from .protocol import Instance, RegistrationError, parse_registration
+from .registry import Registry
+
+log = logging.getLogger("moriio_proxy.discovery")
+
+# A vLLM heartbeat is ~250 bytes; a peer sending more than this is cut off by libzmq.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+class RateLimitedLog:
+    """At most one line per key per interval, with a count of what it held back."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, level: int, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self._interval) < self._interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        held = self._held.pop(key, 0)
+        self._last[key] = now
+        if len(self._last) > 1024:  # bounded even under a flood of distinct keys
+            self._last.clear()
+        suffix = f" ({held} similar messages suppressed)" if held else ""
+        self._logger.log(level, message + suffix, *args)
+
+
+class Discovery:
+    """Feeds the registry from heartbeats (and static config), evicts silent instances."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: Metrics,
+        *,
+        host: str,
+        port: int,
+        allow: Sequence[Network] = (),
+        static: Sequence[Instance] = (),
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.host = host
+        self.port = port
+        self.allow = tuple(allow)
+        self.static = tuple(static)
+        self.bound_port: int | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._log = RateLimitedLog(log)
+
+    async def start(self) -> None:
+        for instance in self.static:
+            self.registry.upsert(instance, static=True)
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if ":" in self.host:
+            sock.setsockopt(zmq.IPV6, 1)
+        try:
+            if self.port == 0:
+                self.bound_port = sock.bind_to_random_port(f"tcp://{host}")
+            else:
+                sock.bind(f"tcp://{host}:{self.port}")
+                self.bound_port = self.port
+        except zmq.ZMQError as exc:
+            sock.close()
+            self._ctx.term()
+            raise OSError(
+                f"cannot bind the discovery port {self.host}:{self.port}: {exc}. Another "
+                "process (or a vLLM heartbeat that self-connected to this ephemeral-range "
+                "port) holds it; see the README's 'port trap' note"
+            ) from None
+        self._sock = sock
+        for coro in (self._listen(), self._sweep()):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        log.info("discovery listening on tcp://%s:%s", host, self.bound_port)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    async def _listen(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                frames = await self._sock.recv_multipart(copy=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the listener die
+                self._log(logging.ERROR, "recv", "discovery receive failed: %r", exc)
+                await asyncio.sleep(0.1)
+                continue
+            peer = _peer_address(frames[-1]) if frames else None
+            self.accept([bytes(f.buffer) for f in frames], peer)
+
+    def accept(self, frames: list[bytes], peer: str | None = None) -> str:
+        """Judge one ROUTER message ``[identity, payload]``; return what became of it."""
+        try:
+            return self._accept(frames, peer)
+        except Exception as exc:  # a bug here must not stop discovery
+            return self._reject("internal_error", f"{exc!r}", peer)
+
+    def _accept(self, frames: list[bytes], peer: str | None) -> str:
+        if self.allow and not _allowed(peer, self.allow):
+            return self._reject("not_allowed", "source address not in --discovery-allow", peer)
+        if len(frames) != 2:
+            return self._reject("bad_frames", f"expected 2 frames, got {len(frames)}", peer)
+        try:
+            message = msgpack.unpackb(frames[1], raw=False, strict_map_key=False)
+        except Exception as exc:
+            return self._reject("bad_msgpack", type(exc).__name__, peer)
+        try:
+            instance = parse_registration(message)
+        except RegistrationError as exc:
+            return self._reject(exc.reason, str(exc), peer)
+        result = self.registry.upsert(instance)
+        if result == "conflict":
+            self.metrics.registrations_rejected.labels("mode_conflict").inc()
+            self._log(
+                logging.ERROR,
+                f"conflict:{instance.key}",
+                "REFUSED %s instance %s: transfer_mode %s disagrees with %s in force; P and D "
+                "must use the same kv_connector_extra_config read_mode",
+                instance.role,
+                instance.http_address,
+                instance.transfer_mode,
+                self.registry.mode,
+            )
+        else:
+            self.metrics.registrations.labels(result).inc()
+        return result
+
+    def _reject(self, reason: str, detail: str, peer: str | None) -> str:
+        self.metrics.registrations_rejected.labels(reason).inc()
+        self._log(
+            logging.WARNING,
+            reason,
+            "discovery message rejected (%s) from %s: %s",
+            reason,
+            peer or "unknown peer",
+            detail[:200],
+        )
+        return reason
+
+    async def _sweep(self) -> None:
+        interval = min(1.0, self.registry.ttl / 4)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                self.registry.sweep()
+
+
+def _peer_address(frame: zmq.Frame) -> str | None:
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError):
+        return None
+
+
+def _allowed(peer: str | None, networks: Sequence[Network]) -> bool:
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks)

@@ -1,0 +1,137 @@
+"""Live instances by role, kept fresh by heartbeats and evicted by silence.
+
+vLLM has no goodbye message: an instance is alive while it keeps re-announcing itself, so
+liveness here is heartbeat recency, and the in-flight counters that load balancing reads
+live beside the instance they count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+from blinker import Signal
+
+from .protocol import Instance, Role, TransferMode
+
+UpsertResult = Literal["added", "refreshed", "updated", "conflict"]
+
+
+@dataclass
+class Entry:
+    """A registered instance plus what the proxy knows of it."""
+
+    instance: Instance
+    first_seen: float
+    last_seen: float
+    static: bool = False
+    inflight: list[int] = field(default_factory=list)  # one counter per DP rank
+
+    def __post_init__(self) -> None:
+        if not self.inflight:
+            self.inflight = [0] * self.instance.dp_size
+
+    @property
+    def total_inflight(self) -> int:
+        return sum(self.inflight)
+
+
+class Registry:
+    """Instances keyed by ``(role, http_address)``, as protocol.md section 1 requires.
+
+    Signals (blinker, one set per registry so tests never share state):
+    ``instance_added(entry)``, ``instance_removed(entry, reason=...)``,
+    ``mode_conflict(instance, mode_in_force=...)``.
+    """
+
+    def __init__(
+        self,
+        ttl: float,
+        *,
+        pinned_mode: TransferMode | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.pinned_mode = pinned_mode
+        self._clock = clock
+        self._entries: dict[tuple[Role, str], Entry] = {}
+        self.instance_added = Signal()
+        self.instance_removed = Signal()
+        self.mode_conflict = Signal()
+
+    @property
+    def mode(self) -> TransferMode | None:
+        """The transfer mode in force: pinned by config, else that of the live instances."""
+        if self.pinned_mode is not None:
+            return self.pinned_mode
+        for entry in self._entries.values():
+            return entry.instance.transfer_mode
+        return None
+
+    def upsert(self, instance: Instance, *, static: bool = False) -> UpsertResult:
+        """Record a heartbeat; refuse an instance whose mode disagrees with the one in force."""
+        mode = self.mode
+        existing = self._entries.get(instance.key)
+        alone = existing is not None and len(self._entries) == 1 and self.pinned_mode is None
+        if mode is not None and instance.transfer_mode != mode and not alone:
+            self.mode_conflict.send(self, instance=instance, mode_in_force=mode)
+            return "conflict"
+        now = self._clock()
+        if existing is None:
+            entry = Entry(instance, first_seen=now, last_seen=now, static=static)
+            self._entries[instance.key] = entry
+            self.instance_added.send(self, entry=entry)
+            return "added"
+        existing.last_seen = now
+        if existing.instance == instance:
+            return "refreshed"
+        # Same address, new shape: the instance restarted with other settings.
+        # Counters grow in place and never shrink, so legs still running on a rank that
+        # no longer exists finish their bookkeeping on the list they incremented.
+        existing.instance = instance
+        missing = instance.dp_size - len(existing.inflight)
+        if missing > 0:
+            existing.inflight.extend([0] * missing)
+        return "updated"
+
+    def remove(self, key: tuple[Role, str], reason: str) -> Entry | None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.instance_removed.send(self, entry=entry, reason=reason)
+        return entry
+
+    def sweep(self) -> list[Entry]:
+        """Evict every instance silent for longer than the TTL; static ones never expire."""
+        deadline = self._clock() - self.ttl
+        stale = [k for k, e in self._entries.items() if not e.static and e.last_seen < deadline]
+        return [e for k in stale if (e := self.remove(k, "heartbeat_timeout")) is not None]
+
+    def healthy(self, role: Role) -> list[Entry]:
+        """Routable instances of a role, in registration order (stable for round robin)."""
+        deadline = self._clock() - self.ttl
+        return [
+            e
+            for e in self._entries.values()
+            if e.instance.role == role and (e.static or e.last_seen >= deadline)
+        ]
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    def age(self, entry: Entry) -> float:
+        return self._clock() - entry.first_seen
+
+    def silence(self, entry: Entry) -> float:
+        return self._clock() - entry.last_seen
+
+    @contextmanager
+    def track(self, entry: Entry, rank: int = 0) -> Iterator[None]:
+        """Count one in-flight leg on ``(entry, rank)`` for as long as the block runs."""
+        entry.inflight[rank] += 1
+        try:
+            yield
+        finally:
+            entry.inflight[rank] -= 1

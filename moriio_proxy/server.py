@@ -1,0 +1,53 @@
+"""Serving the app with Hypercorn on a socket we bind ourselves.
+
+Binding first lets a bad port fail before anything starts, and lets tests and the demo
+ask for port 0 and learn which port they got.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+from quart import Quart
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; raises OSError with the address in the message."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve(
+    app: Quart,
+    sock: socket.socket,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    *,
+    graceful_timeout: float = 5.0,
+) -> None:
+    """Run Hypercorn on ``sock`` until ``shutdown_trigger`` returns."""
+    config = HypercornConfig()
+    # Hypercorn takes ownership of (and closes) the descriptor it is given: hand it a dup.
+    config.bind = [f"fd://{os.dup(sock.fileno())}"]
+    config.accesslog = None
+    config.errorlog = "-"
+    config.graceful_timeout = graceful_timeout
+    config.keep_alive_timeout = 75  # longer than typical client pools' idle time
+    config.h11_max_incomplete_size = 64 * 1024
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+
+
+def port_of(sock: socket.socket) -> int:
+    return sock.getsockname()[1]
