@@ -51,29 +51,44 @@ class ProxyConfig:
 # --------------------------------------------------------------------------- parsers
 
 
+def _number(text: Any) -> Any:
+    """Refuse YAML booleans, which ``int()``/``float()`` would turn into 1 or 0."""
+    if isinstance(text, bool):
+        raise ValueError("must be a number, not a boolean")
+    return text
+
+
+def _int(text: Any) -> int:
+    """An integer; a YAML float such as 80.5 is refused rather than truncated."""
+    text = _number(text)
+    if isinstance(text, float) and not text.is_integer():
+        raise ValueError("must be a whole number")
+    return int(text)
+
+
 def _positive_float(text: Any) -> float:
-    value = float(text)
+    value = float(_number(text))
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError("must be a positive number of seconds")
     return value
 
 
 def _port(text: Any) -> int:
-    value = int(text)
+    value = _int(text)
     if not 0 <= value <= 65535:
         raise ValueError("must be a port number from 0 to 65535")
     return value
 
 
 def _non_negative_int(text: Any) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise ValueError("must be 0 or more")
     return value
 
 
 def _positive_int(text: Any) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise ValueError("must be 1 or more")
     return value
@@ -169,7 +184,7 @@ def load_config(
     file_values = _read_yaml(config_file) if config_file else {}
     statics = file_values.pop("instances", None)
     for key, raw in file_values.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")  # a YAML key may be a number
         if name not in _BY_NAME:
             raise ConfigError(f"{config_file}: unknown setting {key!r}")
         values[name] = _parse(_BY_NAME[name], raw, f"{config_file}: {key}")

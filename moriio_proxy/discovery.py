@@ -78,7 +78,14 @@ class Discovery:
 
     async def start(self) -> None:
         for instance in self.static:
-            self.registry.upsert(instance, static=True)
+            if self.registry.upsert(instance, static=True) == "conflict":
+                log.error(
+                    "static instance %s %s ignored: its transfer_mode %s disagrees with %s",
+                    instance.role,
+                    instance.http_address,
+                    instance.transfer_mode,
+                    self.registry.mode,
+                )
         self._ctx = zmq.asyncio.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -88,7 +95,10 @@ class Discovery:
             sock.setsockopt(zmq.IPV6, 1)
         try:
             if self.port == 0:
-                self.bound_port = sock.bind_to_random_port(f"tcp://{host}")
+                # Below Linux's ephemeral range, so no reconnecting DEALER can hold it.
+                self.bound_port = sock.bind_to_random_port(
+                    f"tcp://{host}", min_port=20000, max_port=32767
+                )
             else:
                 sock.bind(f"tcp://{host}:{self.port}")
                 self.bound_port = self.port

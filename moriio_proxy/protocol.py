@@ -89,9 +89,7 @@ def split_host_port(address: str) -> tuple[str, int]:
         host, sep, port = text.rpartition(":")
         if not sep:
             raise ValueError(f"bad address {address!r}: expected HOST:PORT")
-    if not host:
-        raise ValueError(f"bad address {address!r}: empty host")
-    return host, _port(port, address)
+    return _host(host, address), _port(port, address)
 
 
 def bracket_host(host: str) -> str:
@@ -110,9 +108,18 @@ def parse_zmq_address(text: str) -> tuple[str, int, int]:
         notify = _port(parts["notify"], text)
     except KeyError as exc:
         raise ValueError(f"zmq_address {text!r} lacks {exc.args[0]!r}") from None
-    if not host:
-        raise ValueError(f"zmq_address {text!r} has an empty host")
-    return host, handshake, notify
+    return _host(host, text), handshake, notify
+
+
+# An IP literal or a DNS name: a registered host is pasted into URLs and the request-id
+# sandwich, so nothing that could change their meaning ("/", "@", "?", ",", "_") gets in.
+_HOST_RE = re.compile(r"[A-Za-z0-9.\-]{1,253}|[0-9A-Fa-f:.]{2,45}(%[A-Za-z0-9]{1,16})?")
+
+
+def _host(host: str, context: str) -> str:
+    if not _HOST_RE.fullmatch(host):
+        raise ValueError(f"bad host {host!r} in {context!r}: expected an IP address or DNS name")
+    return host
 
 
 def _port(value: Any, context: str) -> int:
@@ -146,9 +153,10 @@ def parse_registration(message: Any) -> Instance:
 
 def _parse_gen2(msg: Mapping[str, Any]) -> Instance:
     http_address = _text(msg, "http_address")
+    zmq_address = _text(msg, "zmq_address")  # outside the try: RegistrationError is a ValueError
     try:
         split_host_port(http_address)
-        kv_host, handshake, notify = parse_zmq_address(_text(msg, "zmq_address"))
+        kv_host, handshake, notify = parse_zmq_address(zmq_address)
     except ValueError as exc:
         raise RegistrationError("bad_address", str(exc)) from None
     return Instance(
