@@ -235,7 +235,8 @@ class Disaggregator:
         answer: JsonAnswer | StreamAnswer | None = None
         try:
             while not p_task.done():
-                await asyncio.wait({p_task, d_task}, return_when=asyncio.FIRST_COMPLETED)
+                running = {t for t in (p_task, d_task) if not t.done()}
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 if d_task.done() and d_task.exception() is not None:
                     await d_task  # decode failed first: report it; prefill is cancelled below
             payload = await p_task
