@@ -364,10 +364,12 @@ async def test_client_disconnect_cancels_the_decode(mode: str):
         decode = await proxy.add_sim("D", mode=mode, token_latency=0.05)
         await proxy.wait_registered(1, 1)
         body = {"model": "sim-model", "prompt": PROMPT, "max_tokens": 200, "stream": True}
-        async with aiohttp.ClientSession() as session:
-            async with session.post(proxy.url + "/v1/completions", json=body) as resp:
-                async for _ in resp.content:
-                    break  # one line, then hang up
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(proxy.url + "/v1/completions", json=body) as resp,
+        ):
+            async for _ in resp.content:
+                break  # one line, then hang up
         await proxy.wait_for(lambda: decode.stats.cancelled == 1, timeout=2.0)
         await proxy.wait_for(
             lambda: all(e.total_inflight == 0 for e in proxy.state.registry.entries())
