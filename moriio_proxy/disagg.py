@@ -36,12 +36,13 @@ from .protocol import (
     rewrite_id,
 )
 from .registry import Entry, Registry
-from .upstream import Upstream, UpstreamError, UpstreamStatusError
+from .upstream import Upstream, UpstreamError, UpstreamProtocolError, UpstreamStatusError
 
 log = logging.getLogger("moriio_proxy.disagg")
 
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _DONE = b"data: [DONE]\n\n"
+_MAX_EVENT_BYTES = 8 << 20
 _INTERNAL_ID_RE = re.compile(r"___prefill_addr_.*?___decode_addr_.*?_[0-9a-f]{32}")
 
 
@@ -328,7 +329,7 @@ class Disaggregator:
             except UpstreamError as exc:
                 raise _LegFailure("decode", entry, exc) from None
             stack.callback(resp.close)
-            relay = Relay(self.upstream.lines(resp), scrub, stack)
+            relay = Relay(self.upstream.chunks(resp), scrub, stack)
             try:
                 await relay.prime()
             except UpstreamError as exc:
@@ -352,7 +353,7 @@ class _Scrubber:
     def text(self, value: str) -> str:
         return value.replace(self.internal, self.suffix)
 
-    def line(self, raw: bytes) -> bytes:
+    def data(self, raw: bytes) -> bytes:
         return raw.replace(self._internal_bytes, self._suffix_bytes)
 
     def json(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -373,16 +374,17 @@ class Relay:
 
     def __init__(
         self,
-        lines: AsyncIterator[bytes] | None,
+        chunks: AsyncIterator[bytes] | None,
         scrub: _Scrubber,
         stack: contextlib.ExitStack | None = None,
         events: list[bytes] | None = None,
     ) -> None:
-        self._lines = lines
+        self._chunks = chunks
+        self._buffer = b""
         self._scrub = scrub
         self._stack = stack or contextlib.ExitStack()
         self._pending: list[bytes] = list(events or [])
-        self._done = lines is None
+        self._done = chunks is None
         self._closed = False
         self.handed_out = False
         self.saw_done = False
@@ -437,22 +439,30 @@ class Relay:
         return event
 
     async def _read_event(self) -> bytes | None:
-        """Lines up to a blank line, as one SSE event; None at the end of the stream."""
-        assert self._lines is not None
-        parts: list[bytes] = []
-        async for line in self._lines:
-            if line in (b"\n", b"\r\n"):
-                if parts:
-                    parts.append(b"\n")
-                    return b"".join(parts)
-                continue
-            if line.strip() == b"data: [DONE]":
-                self.saw_done = True
-            parts.append(self._scrub.line(line))
-        if parts:
-            parts.append(b"\n")
-            return b"".join(parts)
+        """Every complete SSE event received so far, as one block (one client write);
+        None at the end of the stream.
+
+        Only complete events are scrubbed and passed on, so the internal id can never be
+        split across two writes; under load several events leave in one write.
+        """
+        assert self._chunks is not None
+        async for chunk in self._chunks:
+            self._buffer += chunk
+            cut = _event_end(self._buffer)
+            if cut:
+                block, self._buffer = self._buffer[:cut], self._buffer[cut:]
+                return self._scan(block)
+            if len(self._buffer) > _MAX_EVENT_BYTES:
+                raise UpstreamProtocolError("the decode instance sent an oversized SSE event")
+        if self._buffer.strip():
+            block, self._buffer = self._buffer + b"\n\n", b""
+            return self._scan(block)
         return None
+
+    def _scan(self, block: bytes) -> bytes:
+        if b"\ndata: [DONE]" in b"\n" + block:
+            self.saw_done = True
+        return self._scrub.data(block)
 
     def add_close_callback(self, callback: Callable[[], None]) -> None:
         self._stack.callback(callback)
@@ -469,6 +479,12 @@ class Relay:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _event_end(buffer: bytes) -> int:
+    """Where the last complete SSE event in ``buffer`` ends (0: none is complete yet)."""
+    lf, crlf = buffer.rfind(b"\n\n"), buffer.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 def _event(payload: Any) -> bytes:

@@ -162,14 +162,14 @@ class Upstream:
                 resp.release()
         return resp
 
-    async def lines(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """The response body line by line: the first within the first-byte limit, then
-        each within the idle limit. Whole lines, so an id is never split across chunks."""
+    async def chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """The response body as it arrives: the first chunk within the first-byte limit,
+        then each within the idle limit. Chunks may split lines; callers reassemble."""
         limit = self.timeouts.first_byte
         url = str(resp.url)
         while True:
             try:
-                line = await asyncio.wait_for(resp.content.readline(), limit)
+                chunk = await asyncio.wait_for(resp.content.readany(), limit)
             except asyncio.TimeoutError:
                 raise UpstreamTimeout(
                     f"{url} sent nothing for {limit:g}s mid-stream", url=url
@@ -178,14 +178,10 @@ class Upstream:
                 raise UpstreamProtocolError(
                     f"{url} broke the stream: {type(exc).__name__}", url=url
                 ) from None
-            except ValueError as exc:  # a line over the buffer limit
-                raise UpstreamProtocolError(
-                    f"{url} sent an oversized line: {exc}", url=url
-                ) from None
-            if not line:
+            if not chunk:
                 return
             limit = self.timeouts.idle
-            yield line
+            yield chunk
 
 
 async def _json_or_raise(resp: aiohttp.ClientResponse, url: str) -> Any:
