@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,19 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moriio_proxy.sim import expected_text  # noqa: E402
+from tests.harness import free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-
-
-def free_port(low: int) -> int:
-    for port in range(low, 32000):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,18 @@ from moriio_proxy.app import ProxyState, create_app, state
 from moriio_proxy.config import load_config
 from moriio_proxy.server import bind_listener, serve
 from moriio_proxy.sim import SimConfig, SimInstance
+
+
+def free_port(low: int = 21000) -> int:
+    """A free loopback port from ``low`` up, below the ephemeral range (the port trap)."""
+    for port in range(low, 32000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below 32000")
 
 
 @dataclass

@@ -14,19 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A free port below the ephemeral range (see the README's port trap)."""
-    for port in range(21000 + os.getpid() % 5000, 32000):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -93,9 +83,8 @@ def test_taken_port_exits_1_with_a_clear_line():
 
 def test_demo_serves_a_completion_and_stops_cleanly_on_sigterm():
     """The README's first command: the demo comes up, its curl line works, SIGTERM is 0."""
-    port, discovery = free_port(), free_port()
-    while discovery == port:
-        discovery = free_port() + 1
+    port = free_port(21000 + os.getpid() % 5000)
+    discovery = free_port(port + 1)
     proc = subprocess.Popen(
         [
             sys.executable,
