@@ -49,6 +49,7 @@ class ProxyState:
     disagg: Disaggregator
     draining: bool = False
     started: bool = False
+    inflight: int = 0
 
     async def start(self) -> None:
         """Bind discovery first (the step that fails on a taken port), then the session.
@@ -67,7 +68,14 @@ class ProxyState:
             return
         self.started = False
         await self.discovery.stop()
+        await self.disagg.close()
         await self.upstream.close()
+
+    def drain(self) -> None:
+        """Start a graceful shutdown: /ready turns 503 and new requests are refused."""
+        if not self.draining:
+            self.draining = True
+            log.warning("draining: refusing new requests, %d in flight", self.inflight)
 
 
 def state(app: Quart) -> ProxyState:
@@ -81,7 +89,12 @@ def create_app(config: ProxyConfig) -> Quart:
     app.config["BODY_TIMEOUT"] = 60
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     pinned = None if config.transfer_mode == "auto" else config.transfer_mode
-    registry = Registry(config.instance_ttl, pinned_mode=pinned)  # type: ignore[arg-type]
+    registry = Registry(
+        config.instance_ttl,
+        pinned_mode=pinned,  # type: ignore[arg-type]
+        eject_after=config.eject_after,
+        eject_seconds=config.eject_seconds,
+    )
     metrics = Metrics()
     upstream = Upstream(
         Timeouts(
@@ -106,6 +119,8 @@ def create_app(config: ProxyConfig) -> Quart:
         prefill_policy=make_policy(config.prefill_policy),
         decode_policy=make_policy(config.decode_policy),
         max_retries=config.max_retries,
+        retry_backoff=config.retry_backoff,
+        request_timeout=config.request_timeout,
     )
     proxy = ProxyState(config, registry, metrics, upstream, discovery, disagg)
     app.extensions["moriio_proxy"] = proxy
@@ -173,8 +188,13 @@ async def _serve(proxy: ProxyState, endpoint: Endpoint) -> Response:
     headers = {REQUEST_ID_HEADER: suffix}
     metrics = proxy.metrics
     if proxy.draining:
-        metrics.requests.labels(endpoint, "draining").inc()
+        metrics.rejected.labels("draining").inc()
         return _json(error_body("the proxy is shutting down", 503), 503, headers)
+    limit = proxy.config.max_inflight
+    if limit and proxy.inflight >= limit:
+        metrics.rejected.labels("over_capacity").inc()
+        message = f"the proxy is at its limit of {limit} requests in flight; retry shortly"
+        return _json(error_body(message, 429), 429, {**headers, "Retry-After": "1"})
     raw = await request.get_data(cache=False)
     try:
         parsed = parse_client_request(endpoint, json.loads(raw))
@@ -184,6 +204,7 @@ async def _serve(proxy: ProxyState, endpoint: Endpoint) -> Response:
             return _json(error_body(exc.message, 400, param=exc.param), 400, headers)
         return _json(error_body(f"request body is not valid JSON: {exc}", 400), 400, headers)
 
+    proxy.inflight += 1
     metrics.inflight.inc()
     finished = False
 
@@ -191,6 +212,7 @@ async def _serve(proxy: ProxyState, endpoint: Endpoint) -> Response:
         nonlocal finished
         if not finished:
             finished = True
+            proxy.inflight -= 1
             metrics.inflight.dec()
             metrics.requests.labels(endpoint, outcome).inc()
             metrics.request_seconds.labels(endpoint).observe(time.monotonic() - started)
@@ -271,7 +293,14 @@ def _describe(proxy: ProxyState, entry: Entry) -> dict[str, Any]:
         "static": entry.static,
         "age_seconds": round(registry.age(entry), 3),
         "seconds_since_heartbeat": None if entry.static else round(silence, 3),
-        "state": "healthy" if entry.static or silence <= registry.ttl else "stale",
+        "state": (
+            "ejected"
+            if registry.is_ejected(entry)
+            else "healthy"
+            if entry.static or silence <= registry.ttl
+            else "stale"
+        ),
+        "consecutive_failures": entry.failures,
         "inflight": entry.total_inflight,
         "inflight_by_dp_rank": entry.inflight[: inst.dp_size],
     }

@@ -146,8 +146,16 @@ async def _serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> int:
         config.discovery_host,
         config.discovery_port,
     )
+    proxy = state(app)
+
+    async def drain_then_stop() -> None:
+        # SIGTERM: /ready turns 503 and new requests are refused at once; Hypercorn then
+        # closes the listener and gives in-flight streams drain_timeout to finish.
+        await stop.wait()
+        proxy.drain()
+
     try:
-        await serve(app, sock, stop.wait)
+        await serve(app, sock, drain_then_stop, graceful_timeout=config.drain_timeout)
     finally:
         await state(app).stop()
         sock.close()

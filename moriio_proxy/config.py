@@ -42,7 +42,13 @@ class ProxyConfig:
     prefill_timeout: float = 300.0
     decode_first_byte_timeout: float = 300.0
     stream_idle_timeout: float = 120.0
-    max_retries: int = 1
+    request_timeout: float = 1800.0
+    max_retries: int = 2
+    retry_backoff: float = 0.05
+    eject_after: int = 3
+    eject_seconds: float = 30.0
+    max_inflight: int = 4096
+    drain_timeout: float = 30.0
     max_body_bytes: int = 16 * 1024 * 1024
     log_level: str = "info"
     static_instances: tuple[Instance, ...] = field(default=())
@@ -70,6 +76,13 @@ def _positive_float(text: Any) -> float:
     value = float(_number(text))
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _non_negative_float(text: Any) -> float:
+    value = float(_number(text))
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a number of seconds, 0 or more")
     return value
 
 
@@ -164,9 +177,32 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("stream_idle_timeout", _positive_float, "seconds allowed between decode stream chunks"),
     Option(
+        "request_timeout",
+        _positive_float,
+        "end-to-end deadline of one request, from arrival to the stream's last byte",
+    ),
+    Option(
         "max_retries",
         _non_negative_int,
-        "retries on a fresh pair when an instance refuses connections before any byte is sent",
+        "retries on a fresh pair after an upstream failure, while no byte reached the client",
+    ),
+    Option("retry_backoff", _non_negative_float, "first retry delay in seconds; doubles each time"),
+    Option(
+        "eject_after",
+        _non_negative_int,
+        "consecutive failures (refused, 5xx, timeout) that take an instance out of rotation; "
+        "0 disables",
+    ),
+    Option("eject_seconds", _positive_float, "how long an ejected instance rests before a retry"),
+    Option(
+        "max_inflight",
+        _non_negative_int,
+        "requests served at once before new ones get 429; 0 is unlimited",
+    ),
+    Option(
+        "drain_timeout",
+        _non_negative_float,
+        "seconds in-flight requests may take to finish after SIGTERM",
     ),
     Option("max_body_bytes", _positive_int, "largest accepted request body"),
     Option("log_level", _choice("debug", "info", "warning", "error", "critical"), "logging level"),

@@ -12,12 +12,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+import aiohttp
 
 from .metrics import Metrics
 from .policies import Policy, RankPicker
@@ -43,6 +46,7 @@ log = logging.getLogger("moriio_proxy.disagg")
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _DONE = b"data: [DONE]\n\n"
 _MAX_EVENT_BYTES = 8 << 20
+_T = TypeVar("_T")
 _INTERNAL_ID_RE = re.compile(r"___prefill_addr_.*?___decode_addr_.*?_[0-9a-f]{32}")
 
 
@@ -116,6 +120,9 @@ class Disaggregator:
         prefill_policy: Policy,
         decode_policy: Policy,
         max_retries: int,
+        retry_backoff: float = 0.05,
+        request_timeout: float = 1800.0,
+        release_grace: float = 5.0,
     ) -> None:
         self.registry = registry
         self.upstream = upstream
@@ -123,7 +130,12 @@ class Disaggregator:
         self.prefill_policy = prefill_policy
         self.decode_policy = decode_policy
         self.max_retries = max_retries
+        self.retry_backoff = retry_backoff
+        self.request_timeout = request_timeout
+        self.release_grace = release_grace
         self.ranks = RankPicker()
+        # Strong references to fire-and-forget work (KV release after a disconnect).
+        self._background: set[asyncio.Future[Any]] = set()
         registry.instance_removed.connect(self._forget, sender=registry, weak=False)
 
     def _forget(self, _sender: Any, entry: Entry, **_: Any) -> None:
@@ -132,36 +144,76 @@ class Disaggregator:
     async def handle(self, request: ClientRequest, public_suffix: str) -> JsonAnswer | StreamAnswer:
         """Serve one client request; raise ProxyError for anything the client must be told.
 
-        A pair whose instance refused the connection is replaced by a fresh pair (without
-        that instance) up to ``max_retries`` times: nothing reached the client yet.
+        Everything up to the first byte runs under the request's end-to-end deadline; the
+        stream after it carries the same deadline into the relay.
+        """
+        deadline = time.monotonic() + self.request_timeout
+        try:
+            return await asyncio.wait_for(
+                self._serve(request, public_suffix, deadline), self.request_timeout
+            )
+        except asyncio.TimeoutError:
+            self.metrics.upstream_errors.labels("request", "deadline").inc()
+            raise ProxyError(
+                504, f"the request exceeded its {self.request_timeout:g}s deadline"
+            ) from None
+
+    async def _serve(
+        self, request: ClientRequest, suffix: str, deadline: float
+    ) -> JsonAnswer | StreamAnswer:
+        """Try pairs until one answers. A failure before any byte reached the client is
+        retried on a fresh pair without the failed instance, up to ``max_retries`` times
+        with exponential backoff; an engine's own 4xx is the client's answer, not a fault.
         """
         excluded: set[tuple[str, str]] = set()
         attempt = 0
+        pair = self._choose(excluded)
         while True:
-            pair = self._choose(excluded)
             try:
-                return await self._attempt(request, pair, public_suffix)
+                return await self._attempt(request, pair, suffix, deadline)
             except _LegFailure as failure:
-                self.metrics.upstream_errors.labels(failure.leg, failure.error.kind).inc()
-                log.warning(
-                    "%s leg to %s failed (%s): %s",
-                    failure.leg,
-                    failure.entry.instance.http_address,
-                    failure.error.kind,
-                    failure.error.message,
-                )
-                if failure.error.retryable and attempt < self.max_retries:
-                    attempt += 1
-                    excluded.add(failure.entry.instance.key)
-                    self.metrics.retries.inc()
-                    continue
-                raise _client_error(failure, public_suffix) from None
+                self._account(failure)
+                if not _retryable(failure.error) or attempt >= self.max_retries:
+                    raise _client_error(failure, suffix) from None
+                excluded.add(failure.entry.instance.key)
+                try:
+                    pair = self._choose(excluded)
+                except ProxyError:  # no fresh pair: the failure is the better answer
+                    raise _client_error(failure, suffix) from None
+                attempt += 1
+                self.metrics.retries.inc()
+                await asyncio.sleep(self._backoff(attempt))
+
+    def _account(self, failure: _LegFailure) -> None:
+        error, entry = failure.error, failure.entry
+        self.metrics.upstream_errors.labels(failure.leg, error.kind).inc()
+        log.warning(
+            "%s leg to %s failed (%s): %s",
+            failure.leg,
+            entry.instance.http_address,
+            error.kind,
+            error.message,
+        )
+        if not _retryable(error):
+            self.registry.report_success(entry)  # it answered; the request was at fault
+        elif self.registry.report_failure(entry):
+            self.metrics.ejections.labels(entry.instance.role).inc()
+            log.error(
+                "ejected %s instance %s for %gs after %d consecutive failures",
+                entry.instance.role,
+                entry.instance.http_address,
+                self.registry.eject_seconds,
+                entry.failures,
+            )
+
+    def _backoff(self, attempt: int) -> float:
+        return min(2.0, self.retry_backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
     # ------------------------------------------------------------------ choosing a pair
 
     def _choose(self, excluded: set[tuple[str, str]]) -> _Pair:
-        prefills = [e for e in self.registry.healthy("P") if e.instance.key not in excluded]
-        decodes = [e for e in self.registry.healthy("D") if e.instance.key not in excluded]
+        prefills = [e for e in self.registry.routable("P") if e.instance.key not in excluded]
+        decodes = [e for e in self.registry.routable("D") if e.instance.key not in excluded]
         if not prefills or not decodes:
             missing = " and ".join(
                 name for name, group in (("prefill", prefills), ("decode", decodes)) if not group
@@ -179,7 +231,7 @@ class Disaggregator:
     # ---------------------------------------------------------------------- one attempt
 
     async def _attempt(
-        self, request: ClientRequest, pair: _Pair, suffix: str
+        self, request: ClientRequest, pair: _Pair, suffix: str, deadline: float
     ) -> JsonAnswer | StreamAnswer:
         mode = self.registry.mode or pair.prefill.instance.transfer_mode
         p, d = pair.prefill.instance, pair.decode.instance
@@ -199,6 +251,7 @@ class Disaggregator:
                     )
                 except UpstreamError as exc:
                     raise _LegFailure("prefill", pair.prefill, exc) from None
+            self.registry.report_success(pair.prefill)
             self.metrics.prefill_seconds.observe(time.monotonic() - started)
             return payload
 
@@ -219,8 +272,12 @@ class Disaggregator:
             params = self._usable_params(payload, request, p, transfer_id, mode)
             if params is None:
                 return self._prefill_answer(payload, request, scrub)
-            return await self._decode(request, pair.decode, decode_leg(params), scrub)
-        return await self._write(request, pair, run_prefill, decode_leg(None), scrub)
+            # From here P holds KV blocks for this decode: the leg is always delivered, so
+            # even a client that leaves now ends with D releasing them (see _decode).
+            return await self._decode(
+                request, pair.decode, decode_leg(params), scrub, deadline, deliver=True
+            )
+        return await self._write(request, pair, run_prefill, decode_leg(None), scrub, deadline)
 
     async def _write(
         self,
@@ -229,10 +286,11 @@ class Disaggregator:
         run_prefill: Callable[[], Any],
         leg: Any,
         scrub: _Scrubber,
+        deadline: float,
     ) -> JsonAnswer | StreamAnswer:
         """Both legs at once; the answer waits for prefill's verdict before any byte."""
         p_task: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(run_prefill())
-        d_task = asyncio.ensure_future(self._decode(request, pair.decode, leg, scrub))
+        d_task = asyncio.ensure_future(self._decode(request, pair.decode, leg, scrub, deadline))
         answer: JsonAnswer | StreamAnswer | None = None
         try:
             while not p_task.done():
@@ -313,31 +371,81 @@ class Disaggregator:
         return StreamAnswer(Relay.from_events([*events, _DONE], scrub))
 
     async def _decode(
-        self, request: ClientRequest, entry: Entry, leg: Any, scrub: _Scrubber
+        self,
+        request: ClientRequest,
+        entry: Entry,
+        leg: Any,
+        scrub: _Scrubber,
+        deadline: float,
+        *,
+        deliver: bool = False,
     ) -> JsonAnswer | StreamAnswer:
         stack = contextlib.ExitStack()
         stack.enter_context(self.registry.track(entry))
         try:
             if not request.stream:
+                send = self.upstream.post_json(
+                    leg, _remaining(self.upstream.timeouts.first_byte, deadline)
+                )
                 try:
-                    payload = await self.upstream.post_json(leg, self.upstream.timeouts.first_byte)
+                    payload = await self._send(send, deliver)
                 except UpstreamError as exc:
                     raise _LegFailure("decode", entry, exc) from None
+                self.registry.report_success(entry)
                 return JsonAnswer(scrub.json(payload))
             try:
-                resp = await self.upstream.open_stream(leg)
+                resp = await self._send(self.upstream.open_stream(leg, deadline), deliver)
             except UpstreamError as exc:
                 raise _LegFailure("decode", entry, exc) from None
             stack.callback(resp.close)
-            relay = Relay(self.upstream.chunks(resp), scrub, stack)
+            relay = Relay(self.upstream.chunks(resp, deadline), scrub, stack)
             try:
                 await relay.prime()
             except UpstreamError as exc:
                 raise _LegFailure("decode", entry, exc) from None
+            self.registry.report_success(entry)
             stack = contextlib.ExitStack()  # the relay owns the cleanup now
             return StreamAnswer(relay)
         finally:
             stack.close()
+
+    async def _send(self, call: Coroutine[Any, Any, _T], deliver: bool) -> _T:
+        """Await an upstream call; with ``deliver``, a cancelled caller does not cancel it
+        at once but lets it reach the instance first (see ``_linger``)."""
+        if not deliver:
+            return await call
+        task = asyncio.ensure_future(call)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._spawn(self._linger(task))
+            raise
+
+    async def _linger(self, task: asyncio.Future[Any]) -> None:
+        """Give an abandoned READ decode leg a moment to reach D, then abort it there.
+
+        P keeps a finished prefill's KV blocks until D reads or releases them (or P's
+        defer_timeout, 60 s, passes). A decode request that D received and that is then
+        aborted makes D release them at once; one that never left the proxy would not.
+        """
+        self.metrics.kv_release_legs.inc()
+        await asyncio.wait({task}, timeout=self.release_grace)
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            result = await task
+            if isinstance(result, aiohttp.ClientResponse):
+                result.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Finish background work (shutdown)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
 
 class _Scrubber:
@@ -479,6 +587,15 @@ class Relay:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _remaining(limit: float, deadline: float) -> float:
+    return max(0.001, min(limit, deadline - time.monotonic()))
+
+
+def _retryable(error: UpstreamError) -> bool:
+    """Whether another pair could do better: anything but the engine refusing the request."""
+    return not (isinstance(error, UpstreamStatusError) and 400 <= error.status < 500)
 
 
 def _event_end(buffer: bytes) -> int:

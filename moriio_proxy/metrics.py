@@ -45,6 +45,24 @@ class Metrics:
             "such a request's KV blocks until the engine restarts",
             registry=r,
         )
+        self.ejections = Counter(
+            "moriio_proxy_ejections",
+            "Instances taken out of rotation after consecutive failures",
+            ["role"],
+            registry=r,
+        )
+        self.kv_release_legs = Counter(
+            "moriio_proxy_kv_release_legs",
+            "READ decode legs delivered and aborted after the client left, so that the "
+            "decode instance releases the prefill's KV blocks",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "moriio_proxy_rejected_requests",
+            "Requests refused before routing, by reason (over_capacity, draining)",
+            ["reason"],
+            registry=r,
+        )
         self.instances = Gauge(
             "moriio_proxy_instances", "Registered instances by role", ["role"], registry=r
         )

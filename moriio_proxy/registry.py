@@ -29,6 +29,8 @@ class Entry:
     last_seen: float
     static: bool = False
     inflight: list[int] = field(default_factory=list)  # one counter per DP rank
+    failures: int = 0  # consecutive failed legs; any success resets it
+    ejected_until: float = 0.0  # out of rotation until then, heartbeat or not
 
     def __post_init__(self) -> None:
         if not self.inflight:
@@ -52,15 +54,20 @@ class Registry:
         ttl: float,
         *,
         pinned_mode: TransferMode | None = None,
+        eject_after: int = 0,
+        eject_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl = ttl
         self.pinned_mode = pinned_mode
+        self.eject_after = eject_after
+        self.eject_seconds = eject_seconds
         self._clock = clock
         self._entries: dict[tuple[Role, str], Entry] = {}
         self.instance_added = Signal()
         self.instance_removed = Signal()
         self.mode_conflict = Signal()
+        self.instance_ejected = Signal()
 
     @property
     def mode(self) -> TransferMode | None:
@@ -110,13 +117,46 @@ class Registry:
         return [e for k in stale if (e := self.remove(k, "heartbeat_timeout")) is not None]
 
     def healthy(self, role: Role) -> list[Entry]:
-        """Routable instances of a role, in registration order (stable for round robin)."""
+        """Live instances of a role (heartbeat within the TTL), in registration order."""
         deadline = self._clock() - self.ttl
         return [
             e
             for e in self._entries.values()
             if e.instance.role == role and (e.static or e.last_seen >= deadline)
         ]
+
+    def routable(self, role: Role) -> list[Entry]:
+        """Live instances not ejected for failing; all live ones if every one is ejected.
+
+        Ejection guards against one broken instance; when all of a role look broken the
+        fault is more likely shared (a network blip), and refusing everything would turn
+        it into a full outage, so they are all tried again (Envoy's "panic" mode).
+        """
+        live = self.healthy(role)
+        now = self._clock()
+        usable = [e for e in live if e.ejected_until <= now]
+        return usable or live
+
+    def is_ejected(self, entry: Entry) -> bool:
+        return entry.ejected_until > self._clock()
+
+    def report_success(self, entry: Entry) -> None:
+        entry.failures = 0
+
+    def report_failure(self, entry: Entry) -> bool:
+        """Count a failed leg; eject the instance after ``eject_after`` in a row.
+
+        An instance returning from ejection that fails again is ejected at once: its
+        counter still stands, since only a served request resets it (a heartbeat does not).
+        """
+        entry.failures += 1
+        if not self.eject_after or entry.failures < self.eject_after:
+            return False
+        if self.is_ejected(entry):
+            return False
+        entry.ejected_until = self._clock() + self.eject_seconds
+        self.instance_ejected.send(self, entry=entry, failures=entry.failures)
+        return True
 
     def entries(self) -> list[Entry]:
         return list(self._entries.values())

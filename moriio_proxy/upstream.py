@@ -7,7 +7,9 @@ orchestration above decides status codes and retries from types, not from except
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,16 +28,14 @@ class UpstreamError(Exception):
     kind = "error"
     status = 502
 
-    def __init__(self, message: str, *, url: str = "", retryable: bool = False) -> None:
+    def __init__(self, message: str, *, url: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.url = url
-        # True only when nothing reached the instance, so another pair may be tried.
-        self.retryable = retryable or isinstance(self, UpstreamConnectError)
 
 
 class UpstreamConnectError(UpstreamError):
-    """The instance could not be reached: nothing was sent, so a retry elsewhere is safe."""
+    """The instance could not be reached (refused, unreachable, connect timeout)."""
 
     kind = "connect"
 
@@ -80,7 +80,9 @@ class Upstream:
     async def start(self) -> None:
         # No connection cap: a cap shared by both legs of every request can deadlock
         # (all slots held by decodes waiting for prefills that cannot get a slot).
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
+        # Idle pooled connections are dropped before vLLM's own keep-alive (uvicorn, 5 s)
+        # closes them, so reuse rarely races a server-side close; _post covers the rest.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=3)
         self._session = aiohttp.ClientSession(
             connector=connector,
             read_bufsize=_READ_BUFSIZE,
@@ -110,16 +112,29 @@ class Upstream:
         except asyncio.TimeoutError:
             raise UpstreamTimeout(f"{url} did not answer within {timeout:g}s", url=url) from None
 
+    async def _post(self, leg: Leg, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        """POST and return the response head. A pooled connection the server had already
+        closed fails before the request reached it, so that one case is sent again once."""
+        try:
+            return await self.session.post(
+                leg.url, json=leg.body, headers=leg.headers, timeout=timeout
+            )
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if not _stale_connection(exc):
+                raise
+        return await self.session.post(leg.url, json=leg.body, headers=leg.headers, timeout=timeout)
+
     async def post_json(self, leg: Leg, timeout: float) -> dict[str, Any]:
         """POST a non-streaming leg and return its JSON body; the whole call is bounded."""
         client_timeout = aiohttp.ClientTimeout(
             total=timeout, connect=self.timeouts.connect, sock_connect=self.timeouts.connect
         )
         try:
-            async with self.session.post(
-                leg.url, json=leg.body, headers=leg.headers, timeout=client_timeout
-            ) as resp:
+            resp = await self._post(leg, client_timeout)
+            try:
                 payload = await _json_or_raise(resp, leg.url)
+            finally:
+                resp.release()
         except aiohttp.ClientConnectionError as exc:
             raise _connection_error(exc, leg.url) from None
         except asyncio.TimeoutError:
@@ -130,10 +145,10 @@ class Upstream:
             raise UpstreamProtocolError(f"{leg.url} answered a non-object", url=leg.url)
         return payload
 
-    async def open_stream(self, leg: Leg) -> aiohttp.ClientResponse:
+    async def open_stream(self, leg: Leg, deadline: float | None = None) -> aiohttp.ClientResponse:
         """Send a streaming leg and return the response once its status is known to be 200.
 
-        The caller owns the response and must ``release()`` it; closing it early is how a
+        The caller owns the response and must ``close()`` it; closing it early is how a
         vLLM request is aborted.
         """
         client_timeout = aiohttp.ClientTimeout(
@@ -142,18 +157,14 @@ class Upstream:
             sock_connect=self.timeouts.connect,
             sock_read=None,
         )
+        limit = _limit(self.timeouts.first_byte, deadline)
         try:
-            resp = await asyncio.wait_for(
-                self.session.post(
-                    leg.url, json=leg.body, headers=leg.headers, timeout=client_timeout
-                ),
-                self.timeouts.first_byte,
-            )
+            resp = await asyncio.wait_for(self._post(leg, client_timeout), limit)
         except aiohttp.ClientConnectionError as exc:
             raise _connection_error(exc, leg.url) from None
         except asyncio.TimeoutError:
             raise UpstreamTimeout(
-                f"{leg.url} sent no response within {self.timeouts.first_byte:g}s", url=leg.url
+                f"{leg.url} sent no response within {limit:g}s", url=leg.url
             ) from None
         if resp.status != 200:
             try:
@@ -162,25 +173,29 @@ class Upstream:
                 resp.release()
         return resp
 
-    async def chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def chunks(
+        self, resp: aiohttp.ClientResponse, deadline: float | None = None
+    ) -> AsyncIterator[bytes]:
         """The response body as it arrives: the first chunk within the first-byte limit,
-        then each within the idle limit. Chunks may split lines; callers reassemble."""
-        limit = self.timeouts.first_byte
+        then each within the idle limit, none past ``deadline`` (monotonic). Chunks may
+        split lines; callers reassemble."""
+        first = True
         url = str(resp.url)
         while True:
+            limit = _limit(self.timeouts.first_byte if first else self.timeouts.idle, deadline)
             try:
                 chunk = await asyncio.wait_for(resp.content.readany(), limit)
             except asyncio.TimeoutError:
-                raise UpstreamTimeout(
-                    f"{url} sent nothing for {limit:g}s mid-stream", url=url
-                ) from None
+                late = deadline is not None and time.monotonic() >= deadline
+                why = "the request deadline passed" if late else f"nothing for {limit:g}s"
+                raise UpstreamTimeout(f"{url} stream stalled: {why}", url=url) from None
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 raise UpstreamProtocolError(
                     f"{url} broke the stream: {type(exc).__name__}", url=url
                 ) from None
             if not chunk:
                 return
-            limit = self.timeouts.idle
+            first = False
             yield chunk
 
 
@@ -215,9 +230,26 @@ def _error_message(payload: Any) -> str | None:
     return None
 
 
+def _limit(limit: float, deadline: float | None) -> float:
+    """The smaller of a per-step limit and what is left of the request's deadline."""
+    if deadline is None:
+        return limit
+    return max(0.0, min(limit, deadline - time.monotonic()))
+
+
+def _stale_connection(exc: aiohttp.ClientError) -> bool:
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return (
+        isinstance(exc, aiohttp.ClientOSError)
+        and not isinstance(exc, aiohttp.ClientConnectorError)
+        and exc.errno in (errno.ECONNRESET, errno.EPIPE)
+    )
+
+
 def _connection_error(exc: aiohttp.ClientConnectionError, url: str) -> UpstreamError:
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamTimeout(f"timed out connecting to {url}", url=url, retryable=True)
+        return UpstreamConnectError(f"timed out connecting to {url}", url=url)
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamConnectError(f"cannot connect to {url}: {exc.strerror or exc}", url=url)
     if isinstance(exc, aiohttp.ServerTimeoutError):
