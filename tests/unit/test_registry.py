@@ -259,3 +259,72 @@ def test_track_survives_an_update_that_shrinks_dp(registry):
         registry.upsert(replace(entry.instance, dp_size=1))
     assert entry.inflight == [0, 0, 0, 0]
     assert entry.instance.dp_size == 1
+
+
+# ------------------------------------------------------------------------ outlier ejection
+
+
+def ejecting(clock, after=3, seconds=30.0):
+    return Registry(10.0, eject_after=after, eject_seconds=seconds, clock=clock)
+
+
+def test_consecutive_failures_eject_while_heartbeats_continue(clock):
+    registry = ejecting(clock)
+    registry.upsert(instance("P", "10.0.0.1:1"))
+    registry.upsert(instance("P", "10.0.0.2:1"))
+    bad, good = registry.entries()
+    ejected = recorder(registry.instance_ejected)
+    assert not registry.report_failure(bad)
+    assert not registry.report_failure(bad)
+    assert registry.report_failure(bad)
+    assert [kw["entry"] for _, kw in ejected] == [bad]
+    registry.upsert(bad.instance)  # a heartbeat does not make it healthy again
+    assert registry.routable("P") == [good]
+    assert registry.healthy("P") == [bad, good]  # still registered and alive
+
+
+def test_a_success_resets_the_failure_count(clock):
+    registry = ejecting(clock)
+    registry.upsert(instance("P"))
+    (entry,) = registry.entries()
+    registry.report_failure(entry)
+    registry.report_failure(entry)
+    registry.report_success(entry)
+    assert not registry.report_failure(entry)
+    assert registry.routable("P") == [entry]
+
+
+def test_ejected_instance_returns_after_the_cooling_period_on_probation(clock):
+    registry = ejecting(clock, seconds=30.0)
+    registry.upsert(instance("P", "10.0.0.1:1"))
+    registry.upsert(instance("P", "10.0.0.2:1"))
+    bad, good = registry.entries()
+    for _ in range(3):
+        registry.report_failure(bad)
+    clock.now += 29.0
+    registry.upsert(bad.instance)
+    registry.upsert(good.instance)
+    assert registry.routable("P") == [good]
+    clock.now += 2.0
+    assert registry.routable("P") == [bad, good]
+    # One more failure on probation ejects it again at once.
+    assert registry.report_failure(bad)
+    assert registry.routable("P") == [good]
+
+
+def test_when_every_instance_is_ejected_all_are_tried(clock):
+    registry = ejecting(clock, after=1)
+    registry.upsert(instance("D", "10.0.0.1:1"))
+    (entry,) = registry.entries()
+    assert registry.report_failure(entry)
+    assert registry.is_ejected(entry)
+    assert registry.routable("D") == [entry]
+
+
+def test_ejection_disabled_with_zero(clock):
+    registry = ejecting(clock, after=0)
+    registry.upsert(instance("P"))
+    (entry,) = registry.entries()
+    for _ in range(10):
+        assert not registry.report_failure(entry)
+    assert not registry.is_ejected(entry)
