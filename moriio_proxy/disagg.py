@@ -122,7 +122,7 @@ class Disaggregator:
         max_retries: int,
         retry_backoff: float = 0.05,
         request_timeout: float = 1800.0,
-        release_grace: float = 5.0,
+        release_grace: float = 1.0,
     ) -> None:
         self.registry = registry
         self.upstream = upstream
@@ -427,6 +427,8 @@ class Disaggregator:
         P keeps a finished prefill's KV blocks until D reads or releases them (or P's
         defer_timeout, 60 s, passes). A decode request that D received and that is then
         aborted makes D release them at once; one that never left the proxy would not.
+        A streaming leg is aborted as soon as its response head proves D has it; a
+        non-streaming one after ``release_grace`` (its head only comes at the end).
         """
         self.metrics.kv_release_legs.inc()
         await asyncio.wait({task}, timeout=self.release_grace)
