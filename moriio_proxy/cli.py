@@ -69,6 +69,59 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--heartbeat-interval", type=float, default=3.0)
     sim.add_argument("--prefill-latency", type=float, default=0.0, help="seconds per prefill")
     sim.add_argument("--token-latency", type=float, default=0.0, help="seconds per token")
+    faults = sim.add_argument_group(
+        "fault injection",
+        "Faults for generation requests (/v1/completions, /v1/chat/completions) that pass "
+        "validation; /health, /v1/models and /sim/* are never faulted. Change them at run "
+        "time with POST (replace) or PATCH (update) /sim/faults; GET /sim/stats shows what "
+        "was applied.",
+    )
+    faults.add_argument(
+        "--fail-status",
+        type=int,
+        metavar="N",
+        help="answer with HTTP status N (400-599) and vLLM's error JSON instead of serving",
+    )
+    faults.add_argument(
+        "--die-after-tokens",
+        type=int,
+        metavar="K",
+        help="cut the connection after K generated tokens: no final chunk, no [DONE] "
+        "(non-streaming: no response at all)",
+    )
+    faults.add_argument(
+        "--stall-first-byte",
+        type=float,
+        metavar="S",
+        help="send nothing, headers included, for S seconds ('inf': until the client leaves)",
+    )
+    faults.add_argument(
+        "--stall-after-tokens",
+        metavar="K:S",
+        help="go silent for S seconds ('inf': forever) after K tokens, connection kept open",
+    )
+    faults.add_argument(
+        "--refuse-connections",
+        action="store_true",
+        help="start with the HTTP port closed (connection refused) while heartbeats continue",
+    )
+    faults.add_argument(
+        "--fault-probability",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="fraction of generation requests the faults apply to",
+    )
+    faults.add_argument(
+        "--seed", type=int, metavar="N", help="seed of the per-request fault draws (repeatable)"
+    )
+    faults.add_argument(
+        "--control-port",
+        type=int,
+        metavar="N",
+        help="also serve /sim/faults and /sim/stats on port N, which --refuse-connections "
+        "never closes (0: any free port; without it /sim/* is on the HTTP port only)",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -163,8 +216,26 @@ async def _serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> int:
 
 
 async def _sim(args: argparse.Namespace) -> int:
-    from .sim import SimConfig, run_sim
+    from .sim import SimConfig, SimFaults, run_sim
 
+    stall_after: tuple[int, float] | None = None
+    if args.stall_after_tokens is not None:
+        tokens, _, seconds = args.stall_after_tokens.partition(":")
+        try:
+            stall_after = (int(tokens), float(seconds))
+        except ValueError:
+            raise ValueError(
+                f"--stall-after-tokens wants K:S (e.g. 3:inf), got {args.stall_after_tokens!r}"
+            ) from None
+    faults = SimFaults(
+        status=args.fail_status,
+        die_after_tokens=args.die_after_tokens,
+        stall_first_byte=args.stall_first_byte,
+        stall_after_tokens=stall_after,
+        refuse_connections=args.refuse_connections,
+        probability=args.fault_probability,
+    )
+    faults.validate()
     config = SimConfig(
         role=args.role,
         host=args.host,
@@ -179,6 +250,9 @@ async def _sim(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         prefill_latency=args.prefill_latency,
         token_latency=args.token_latency,
+        control_port=args.control_port,
+        seed=args.seed,
+        faults=faults,
     )
     return await run_sim(config)
 

@@ -34,6 +34,11 @@ class ProxyConfig:
     discovery_host: str = "0.0.0.0"
     discovery_port: int = 36367
     discovery_allow: tuple[Network, ...] = ()
+    discovery: str = "zmq"
+    k8s_namespace: str = ""
+    k8s_prefill_selector: str = "moriio.io/role=prefill"
+    k8s_decode_selector: str = "moriio.io/role=decode"
+    k8s_api_url: str = ""
     instance_ttl: float = 10.0
     transfer_mode: str = "auto"
     prefill_policy: str = "least_loaded"
@@ -126,6 +131,12 @@ def _networks(text: Any) -> tuple[Network, ...]:
         raise ValueError(f"must be comma-separated networks like 10.0.0.0/8 ({exc})") from None
 
 
+def _text(text: Any) -> str:
+    if not isinstance(text, (str, int, float)) or isinstance(text, bool):
+        raise ValueError("must be a string")
+    return str(text).strip()
+
+
 def _host(text: Any) -> str:
     value = str(text).strip()
     if not value:
@@ -159,6 +170,24 @@ OPTIONS: tuple[Option, ...] = (
         "discovery_allow",
         _networks,
         "comma-separated source networks allowed to register (default: any)",
+    ),
+    Option(
+        "discovery",
+        _choice("zmq", "kubernetes"),
+        "how instances are found: vLLM's ZMQ heartbeats, or watching pods (every replica "
+        "sees every instance; needs the 'k8s' extra)",
+    ),
+    Option(
+        "k8s_namespace",
+        _text,
+        "namespace of the vLLM pods (default: the proxy pod's own namespace)",
+    ),
+    Option("k8s_prefill_selector", _text, "label selector of prefill pods"),
+    Option("k8s_decode_selector", _text, "label selector of decode pods"),
+    Option(
+        "k8s_api_url",
+        _text,
+        "Kubernetes API URL (default: in-cluster config, else ~/.kube/config)",
     ),
     Option("instance_ttl", _positive_float, "seconds without a heartbeat before eviction"),
     Option(

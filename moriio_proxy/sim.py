@@ -20,6 +20,12 @@ What is simulated (each point mirrors vLLM 0.32's ``kv_connector/v1/moriio/`` an
   ROUTER sockets. KV "transfers" between simulated instances are ZMQ messages on those ports,
   so a wrong host, port or DP rank breaks them like a wrong RDMA target would.
 
+Fault injection (``SimFaults`` on ``SimInstance.faults``, or ``POST /sim/faults`` for a
+subprocess sim; ``GET /sim/stats`` reads the counters): error statuses, connections cut after
+k tokens, stalls before the first byte or mid-stream, and a listener that refuses connections
+while heartbeats continue, each for a seeded fraction of requests. Faults are a test device,
+not vLLM behaviour; everything else stays 0.32's.
+
 Everything lives on the instance objects: several instances can run in one event loop.
 """
 
@@ -37,9 +43,10 @@ import re
 import signal
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, fields
+from http import HTTPStatus
 from typing import Any
 
 import msgpack
@@ -75,6 +82,7 @@ _GET_META_MSG = b"get_meta_msg"  # MoRIIOConstants.GET_META_MSG
 _MAX_TERMINAL_TRANSFERS = 10_000
 _AUTO_PORT_LOW = 20_000  # below Linux's ephemeral range (32768-60999): no TCP self-connect
 _AUTO_PORT_HIGH = 32_000
+_LISTENER_POLL = 0.02  # seconds: how soon a mutated SimFaults.refuse_connections takes effect
 
 
 class _Signal:
@@ -94,6 +102,154 @@ _SHUTDOWN = _Signal("shutting-down")
 # --------------------------------------------------------------------------------------
 # Public data types
 # --------------------------------------------------------------------------------------
+
+
+_INF_WORDS = ("inf", "+inf", "infinity", "+infinity")
+
+
+def _seconds(value: Any, name: str) -> float:
+    """A duration in seconds: a number >= 0, ``math.inf`` or the string ``"inf"``."""
+    if isinstance(value, str) and value.strip().lower() in _INF_WORDS:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds >= 0 or 'inf', got {value!r}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0 or 'inf', got {value!r}")
+    return float(value)
+
+
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _json_seconds(value: float) -> float | str:
+    return "inf" if math.isinf(value) else value
+
+
+@dataclass
+class SimFaults:
+    """Faults injected into one simulated instance, for failure-semantics tests and soaks.
+
+    Live on ``SimInstance.faults``: assign a new object or mutate fields at run time (both take
+    effect for the next request; ``refuse_connections`` within ~20 ms, or at once through
+    ``await SimInstance.set_faults(...)``). Subprocess sims: ``POST /sim/faults``.
+
+    The per-request faults (``status``, ``die_after_tokens``, ``stall_first_byte``,
+    ``stall_after_tokens``) apply only to generation requests (``/v1/completions``,
+    ``/v1/chat/completions``) that pass vLLM's validation (a malformed request still gets its
+    400), and only to the ``probability`` fraction of them, drawn once per request from an RNG
+    seeded with ``SimConfig.seed``. A request that draws a hit gets every per-request fault set:
+    ``status`` wins outright; otherwise ``stall_first_byte``, then serving with
+    ``stall_after_tokens`` and ``die_after_tokens`` (stall first when both fire at one point).
+    "k tokens" counts engine tokens across all choices of the request.
+    """
+
+    #: Answer with this HTTP status (400-599) and vLLM's error JSON instead of serving. The
+    #: engine never sees the request: a prefill leg registers no KV blocks, a WRITE-mode decode
+    #: leg sends no notify.
+    status: int | None = None
+    #: Serve, but cut the connection (transport closed: no final chunk, no usage chunk, no
+    #: ``[DONE]``, no terminating HTTP chunk) once k tokens have been generated: a stream
+    #: carries exactly the first k token chunks (k=0: headers only); a non-streaming request
+    #: gets no response at all. A request with fewer than k tokens completes normally. The
+    #: engine request is aborted like a client disconnect, except when the k-th token was its
+    #: last: then the engine had already finished (a prefill leg holds its blocks until
+    #: ``defer_timeout`` reaps them, as in 0.32 when an answer is lost).
+    die_after_tokens: int | None = None
+    #: Send nothing (not even headers) for this many seconds before the engine starts on the
+    #: request; ``math.inf``: until the client disconnects (the leg is then recorded cancelled).
+    stall_first_byte: float | None = None
+    #: ``(k, s)``: after k tokens go silent for s seconds (``math.inf``: forever), connection
+    #: kept open (streams: after the k-th token chunk; k=0: after the headers).
+    stall_after_tokens: tuple[int, float] | None = None
+    #: Close the HTTP listening socket (idle keep-alive connections are closed too; in-flight
+    #: requests finish) while heartbeats continue: an instance that looks alive but cannot be
+    #: reached. ``/sim/*`` on the HTTP port is unreachable too; use ``SimConfig.control_port``.
+    #: Turning it off re-binds the same port.
+    refuse_connections: bool = False
+    #: Fraction of generation requests the per-request faults apply to (1.0: all).
+    probability: float = 1.0
+
+    @property
+    def per_request(self) -> bool:
+        """True when a per-request fault is configured (a probability draw is made)."""
+        return (
+            self.status is not None
+            or self.die_after_tokens is not None
+            or self.stall_first_byte is not None
+            or self.stall_after_tokens is not None
+        )
+
+    def validate(self) -> None:
+        """Raise ValueError on a bad field; normalise types (seconds to float, tuple pair)."""
+        if self.status is not None and (
+            isinstance(self.status, bool)
+            or not isinstance(self.status, int)
+            or not 400 <= self.status <= 599
+        ):
+            raise ValueError(f"status must be an HTTP status 400-599, got {self.status!r}")
+        if self.die_after_tokens is not None:
+            _count(self.die_after_tokens, "die_after_tokens")
+        if self.stall_first_byte is not None:
+            self.stall_first_byte = _seconds(self.stall_first_byte, "stall_first_byte")
+        if self.stall_after_tokens is not None:
+            pair = self.stall_after_tokens
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(
+                    f"stall_after_tokens must be a pair [tokens, seconds], got {pair!r}"
+                )
+            self.stall_after_tokens = (
+                _count(pair[0], "stall_after_tokens[0]"),
+                _seconds(pair[1], "stall_after_tokens[1]"),
+            )
+        if not isinstance(self.refuse_connections, bool):
+            raise ValueError(
+                f"refuse_connections must be a boolean, got {self.refuse_connections!r}"
+            )
+        p = self.probability
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"probability must be a number in [0, 1], got {p!r}")
+        self.probability = float(p)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: infinite seconds become the string ``"inf"``."""
+        pair = self.stall_after_tokens
+        return {
+            "status": self.status,
+            "die_after_tokens": self.die_after_tokens,
+            "stall_first_byte": (
+                None if self.stall_first_byte is None else _json_seconds(self.stall_first_byte)
+            ),
+            "stall_after_tokens": None if pair is None else [pair[0], _json_seconds(pair[1])],
+            "refuse_connections": self.refuse_connections,
+            "probability": self.probability,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: SimFaults | None = None) -> SimFaults:
+        """Build from JSON fields (unknown keys: ValueError), starting from ``base`` or defaults.
+
+        Seconds accept a number or ``"inf"``; null turns a fault off.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("the faults body must be a JSON object")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(k for k in data if k not in known)
+        if unknown:
+            raise ValueError(
+                f"unknown fault field(s): {', '.join(unknown)} (known: {', '.join(known)})"
+            )
+        out = copy.deepcopy(base) if base is not None else cls()
+        for key, value in data.items():
+            setattr(out, key, value)
+        if "refuse_connections" in data and data["refuse_connections"] is None:
+            out.refuse_connections = False
+        if "probability" in data and data["probability"] is None:
+            out.probability = 1.0
+        out.validate()
+        return out
 
 
 @dataclass
@@ -119,6 +275,12 @@ class SimConfig:
     transfer_timeout: float = 30.0  # handshake / READ wait before giving up (garbage answer)
     block_size: int = 16  # tokens per KV block (--block-size)
     max_leg_records: int = 100_000  # bound on SimInstance.legs for long benchmark runs
+    # Fault injection. /sim/faults and /sim/stats are always served on the HTTP port; with
+    # control_port set (0 = pick a free port) ALSO on this port, which refuse_connections
+    # leaves open.
+    control_port: int | None = None
+    seed: int | None = None  # seeds SimFaults.probability draws, so runs repeat
+    faults: SimFaults = field(default_factory=SimFaults)  # initial faults (copied at init)
 
 
 @dataclass
@@ -137,6 +299,10 @@ class SimStats:
     garbage_outputs: int = 0  # D: answers computed without valid KV
     kv_wait_cancelled: int = 0  # D, WRITE: cancelled while waiting for KV (0.32 leaks blocks)
     blocks_reaped: int = 0  # P: held blocks freed by defer_timeout (nobody took the KV)
+    # Injected faults by kind: "status", "die_after_tokens", "stall_first_byte",
+    # "stall_after_tokens" (per request, when they actually happen) and
+    # "refuse_connections" (each time the listener is closed).
+    faults_applied: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -157,6 +323,7 @@ class LegRecord:
     status: int | None = None
     started_at: float = 0.0
     finished_at: float | None = None
+    faults: list[str] = field(default_factory=list)  # injected fault kinds applied to this leg
 
 
 # --------------------------------------------------------------------------------------
@@ -530,6 +697,33 @@ def _error_body(message: str, err_type: str, code: int, param: str | None = None
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
+def _error_type(status: int) -> str:
+    """vLLM-style error type for a status: 503 -> ServiceUnavailableError, 500 ->
+    InternalServerError, 429 -> TooManyRequestsError."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        return "InternalServerError" if status >= 500 else "BadRequestError"
+    name = "".join(w[:1].upper() + w[1:] for w in re.split(r"[^A-Za-z0-9]+", phrase) if w)
+    return name if name.endswith("Error") else name + "Error"
+
+
+@dataclass
+class _ReqFault:
+    """The faults one generation request drew (a snapshot: later changes do not affect it)."""
+
+    status: int | None
+    stall_first_byte: float | None
+    die_after: int | None
+    stall_after: tuple[int, float] | None
+    stalled: bool = False
+    buffer: deque[Any] = field(default_factory=deque)  # events that arrived during a stall
+
+
+class _ConnectionCut(Exception):
+    """die_after_tokens fired: the connection is closed, the handler must end silently."""
+
+
 # --------------------------------------------------------------------------------------
 # The instance
 # --------------------------------------------------------------------------------------
@@ -545,11 +739,25 @@ class SimInstance:
             raise ValueError(f"mode must be 'READ' or 'WRITE', got {config.mode!r}")
         if config.dp_size < 1 or config.tp_size < 1:
             raise ValueError("dp_size and tp_size must be >= 1")
+        if config.control_port is not None and not 0 <= config.control_port <= 65535:
+            raise ValueError(f"control_port must be 0-65535, got {config.control_port!r}")
+        faults = copy.deepcopy(config.faults)
+        faults.validate()
         self.config = config
         self.stats = SimStats()
         self.legs: list[LegRecord] = []
         self.dead_reason: str | None = None
         self.heartbeating = True
+        self._faults = faults
+        self._faults_changed = asyncio.Event()
+        self._fault_rng = random.Random(config.seed)
+        self._refusing = False  # the HTTP listener is closed by refuse_connections
+        self._refuse_error: str | None = None  # why re-binding the HTTP port last failed
+        self._site_lock = asyncio.Lock()
+        self._busy: dict[Any, int] = {}  # HTTP connection -> requests in progress on it
+        self._listener_task: asyncio.Task[None] | None = None
+        self._control_runner: web.AppRunner | None = None
+        self._control_port: int | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -588,6 +796,65 @@ class SimInstance:
         if _is_ipv6(host):
             host = f"[{host}]"
         return f"http://{host}:{self._port}"
+
+    @property
+    def control_port(self) -> int | None:
+        """The bound control port (``SimConfig.control_port``), or None when not configured."""
+        return self._control_port
+
+    @property
+    def control_url(self) -> str | None:
+        """Base URL of the always-on control listener (``/sim/*``), or None."""
+        if self._control_port is None:
+            return None
+        host = f"[{self.config.host}]" if _is_ipv6(self.config.host) else self.config.host
+        return f"http://{host}:{self._control_port}"
+
+    @property
+    def faults(self) -> SimFaults:
+        """The live faults. Assign a new SimFaults (validated) or mutate its fields."""
+        return self._faults
+
+    @faults.setter
+    def faults(self, value: SimFaults) -> None:
+        if not isinstance(value, SimFaults):
+            raise TypeError(f"faults must be a SimFaults, got {type(value).__name__}")
+        value.validate()
+        self._faults = value
+        self._faults_changed.set()
+
+    async def set_faults(self, faults: SimFaults | None = None, **changes: Any) -> SimFaults:
+        """Replace the faults (``faults``) and/or change fields (``changes``), then wait
+        until the HTTP listener matches ``refuse_connections``. Returns the live faults."""
+        new = copy.deepcopy(faults) if faults is not None else copy.deepcopy(self._faults)
+        known = {f.name for f in fields(SimFaults)}
+        for key, value in changes.items():
+            if key not in known:
+                raise TypeError(f"unknown SimFaults field {key!r}")
+            setattr(new, key, value)
+        self.faults = new
+        await self._sync_listener()
+        return self._faults
+
+    @property
+    def refusing(self) -> bool:
+        """True while the HTTP listener is closed by ``SimFaults.refuse_connections``."""
+        return self._refusing
+
+    def stats_dict(self) -> dict[str, Any]:
+        """SimStats as JSON-ready data plus engine state (what ``GET /sim/stats`` returns)."""
+        out = asdict(self.stats)
+        out["per_rank"] = {str(k): v for k, v in self.stats.per_rank.items()}
+        out.update(
+            dead_reason=self.dead_reason,
+            held_transfers=self.held_transfers(),
+            pending_kv_waiters=self.pending_kv_waiters(),
+            in_flight=len(self._queues),
+            refusing=self._refusing,
+            heartbeating=self.heartbeating,
+            legs=len(self.legs),
+        )
+        return out
 
     @property
     def http_address(self) -> str:
@@ -658,27 +925,37 @@ class SimInstance:
             self._hs_base, hs_socks = self._bind_group(cfg.handshake_port)
             for r in range(cfg.dp_size):
                 self._ranks[r] = _RankState(r, notify_socks[r], hs_socks[r])
-            app = web.Application(client_max_size=64 * 1024 * 1024)
+            app = web.Application(
+                client_max_size=64 * 1024 * 1024, middlewares=[self._connection_middleware]
+            )
             app.router.add_post("/v1/completions", self._handle_completions)
             app.router.add_post("/v1/chat/completions", self._handle_chat)
             app.router.add_get("/v1/models", self._handle_models)
             app.router.add_get("/health", self._handle_health)
+            self._add_control_routes(app)
             self._runner = web.AppRunner(
                 app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
             )
             await self._runner.setup()
             self._site = web.TCPSite(self._runner, cfg.host, cfg.port)
             await self._site.start()
-            server = self._site._server
-            if cfg.port == 0 and server is not None:
-                sockets = getattr(server, "sockets", None) or []
-                self._port = sockets[0].getsockname()[1]
+            self._port = self._bound_port(self._site, cfg.port)
+            if cfg.control_port is not None:
+                control = web.Application()
+                self._add_control_routes(control)
+                self._control_runner = web.AppRunner(control, access_log=None, shutdown_timeout=1.0)
+                await self._control_runner.setup()
+                control_site = web.TCPSite(self._control_runner, cfg.host, cfg.control_port)
+                await control_site.start()
+                self._control_port = self._bound_port(control_site, cfg.control_port)
+            await self._sync_listener()  # refuse_connections from the start
         except BaseException:
             await self._close_all()
             raise
         for st in self._ranks.values():
             self._listener_tasks.append(asyncio.ensure_future(self._notify_loop(st)))
             self._listener_tasks.append(asyncio.ensure_future(self._handshake_loop(st)))
+        self._listener_task = asyncio.ensure_future(self._watch_listener())
         if cfg.proxy:
             self._heartbeat_task = asyncio.ensure_future(self._heartbeat_loop(cfg.proxy))
         logger.info(
@@ -689,6 +966,14 @@ class SimInstance:
             cfg.dp_size,
             cfg.tp_size,
         )
+
+    @staticmethod
+    def _bound_port(site: web.TCPSite, port: int) -> int:
+        server = site._server
+        if port == 0 and server is not None:
+            sockets = getattr(server, "sockets", None) or []
+            return int(sockets[0].getsockname()[1])
+        return port
 
     def _bind_group(self, base: int) -> tuple[int, list[zmq.asyncio.Socket]]:
         """Bind dp_size consecutive ROUTERs at base+rank (0.32: base + get_port_offset).
@@ -736,6 +1021,8 @@ class SimInstance:
         tasks = [*self._engine_tasks, *self._tasks, *self._listener_tasks]
         if self._heartbeat_task is not None:
             tasks.append(self._heartbeat_task)
+        if self._listener_task is not None:
+            tasks.append(self._listener_task)
         for t in tasks:
             t.cancel()
         if tasks:
@@ -753,6 +1040,10 @@ class SimInstance:
             self._runner_closed = True
             with contextlib.suppress(Exception):
                 await self._runner.cleanup()
+        if self._control_runner is not None:
+            runner, self._control_runner = self._control_runner, None
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
@@ -791,9 +1082,11 @@ class SimInstance:
     async def _after_death(self) -> None:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
-        if self._site is not None:
-            with contextlib.suppress(Exception):
-                await self._site.stop()  # no new connections: "connection refused"
+        async with self._site_lock:
+            site, self._site = self._site, None
+            if site is not None:
+                with contextlib.suppress(Exception):
+                    await site.stop()  # no new connections: "connection refused"
         for t in self._listener_tasks:
             t.cancel()
         await asyncio.gather(*self._listener_tasks, return_exceptions=True)
@@ -842,6 +1135,220 @@ class SimInstance:
                 await asyncio.sleep(self.config.heartbeat_interval)
         finally:
             sock.close(linger=0)
+
+    # ---------------------------------------------------------------- fault injection
+
+    async def _watch_listener(self) -> None:
+        """Apply refuse_connections changes: at once on assignment, else within a poll."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._faults_changed.wait(), _LISTENER_POLL)
+            self._faults_changed.clear()
+            try:
+                await self._sync_listener()
+            except Exception:
+                logger.exception("%s cannot apply refuse_connections", self._tag)
+
+    async def _sync_listener(self) -> None:
+        """Close or re-open the HTTP listening socket to match ``faults.refuse_connections``."""
+        async with self._site_lock:
+            if (
+                self._stopped
+                or self.dead_reason is not None
+                or self._runner is None
+                or self._runner_closed
+            ):
+                return
+            want = bool(self._faults.refuse_connections)
+            if want and not self._refusing:
+                self._refusing = True
+                site, self._site = self._site, None
+                if site is not None:
+                    with contextlib.suppress(Exception):
+                        await site.stop()
+                # Keep-alive connections would still reach us: close the idle ones now and
+                # the busy ones once their in-flight request is answered.
+                server = self._runner.server
+                for conn in server.connections if server is not None else []:
+                    if conn in self._busy:
+                        conn.close()
+                    else:
+                        conn.force_close()
+                self._count_fault(None, "refuse_connections")
+                logger.warning(
+                    "%s fault: refusing HTTP connections on port %d (heartbeats continue)",
+                    self._tag,
+                    self._port,
+                )
+            elif not want and self._refusing:
+                site = web.TCPSite(self._runner, self.config.host, self._port)
+                try:
+                    await site.start()
+                except OSError as e:
+                    with contextlib.suppress(Exception):
+                        await site.stop()
+                    if self._refuse_error != str(e):
+                        self._refuse_error = str(e)
+                        logger.error(
+                            "%s cannot re-bind HTTP port %d (retrying): %s",
+                            self._tag,
+                            self._port,
+                            e,
+                        )
+                    return
+                self._site = site
+                self._refusing = False
+                self._refuse_error = None
+                logger.warning("%s fault cleared: accepting HTTP connections again", self._tag)
+
+    @web.middleware
+    async def _connection_middleware(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Track busy connections; drop a request that slipped in while refusing."""
+        conn = request.protocol
+        if self._refusing:
+            # A keep-alive connection accepted before the listener closed: behave like an
+            # unreachable server (no response).
+            if request.transport is not None:
+                request.transport.close()
+            raise asyncio.CancelledError
+        self._busy[conn] = self._busy.get(conn, 0) + 1
+        try:
+            return await handler(request)
+        finally:
+            left = self._busy.get(conn, 1) - 1
+            if left > 0:
+                self._busy[conn] = left
+            else:
+                self._busy.pop(conn, None)
+
+    def _add_control_routes(self, app: web.Application) -> None:
+        app.router.add_get("/sim/faults", self._handle_get_faults)
+        app.router.add_post("/sim/faults", self._handle_set_faults)
+        app.router.add_patch("/sim/faults", self._handle_set_faults)
+        app.router.add_get("/sim/stats", self._handle_stats)
+
+    async def _handle_get_faults(self, request: web.Request) -> web.Response:
+        return web.json_response(self._faults.to_dict())
+
+    async def _handle_set_faults(self, request: web.Request) -> web.Response:
+        """POST replaces the faults (omitted fields take defaults; ``{}`` clears them all);
+        PATCH changes only the fields given. 400 on unknown keys or bad values."""
+        try:
+            raw = await request.read()
+            data = json.loads(raw) if raw.strip() else {}
+            base = self._faults if request.method == "PATCH" else None
+            new = SimFaults.from_dict(data, base=base)
+        except ValueError as e:
+            return web.json_response(_error_body(str(e), "BadRequestError", 400), status=400)
+        self.faults = new
+        await self._sync_listener()
+        return web.json_response(self._faults.to_dict())
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats_dict())
+
+    def _count_fault(self, rec: LegRecord | None, kind: str) -> None:
+        self.stats.faults_applied[kind] = self.stats.faults_applied.get(kind, 0) + 1
+        if rec is not None:
+            rec.faults.append(kind)
+
+    def _draw_fault(self) -> _ReqFault | None:
+        """One seeded draw per generation request while a per-request fault is configured."""
+        f = self._faults
+        if not f.per_request:
+            return None
+        try:
+            f.validate()  # fields may have been mutated in place
+        except ValueError as e:
+            logger.error("%s invalid SimFaults, not applied: %s", self._tag, e)
+            return None
+        if self._fault_rng.random() >= f.probability:
+            return None
+        return _ReqFault(
+            status=f.status,
+            stall_first_byte=f.stall_first_byte,
+            die_after=f.die_after_tokens,
+            stall_after=f.stall_after_tokens,
+        )
+
+    def _status_fault(self, rec: LegRecord, status: int) -> web.Response:
+        self._count_fault(rec, "status")
+        self._finish(rec, status)
+        logger.info("%s fault: answering %s with HTTP %d", self._tag, rec.request_id, status)
+        return web.json_response(
+            _error_body(
+                f"Simulated fault: the server answered HTTP {status} (SimFaults.status).",
+                _error_type(status),
+                status,
+            ),
+            status=status,
+        )
+
+    async def _stall(
+        self, queue: asyncio.Queue[Any], seconds: float, buffer: deque[Any] | None
+    ) -> _Signal | None:
+        """Stay silent for ``seconds`` (inf: until cancelled). Engine events arriving meanwhile
+        go to ``buffer``; an engine death / shutdown ends the stall early (returned)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if math.isinf(seconds) else loop.time() + seconds
+        while True:
+            timeout = None if deadline is None else deadline - loop.time()
+            if timeout is not None and timeout <= 0:
+                return None
+            try:
+                ev = await asyncio.wait_for(queue.get(), timeout)
+            except asyncio.TimeoutError:
+                return None
+            if isinstance(ev, _Signal):
+                return ev
+            if buffer is not None:
+                buffer.append(ev)
+
+    async def _next_event(self, queue: asyncio.Queue[Any], fault: _ReqFault | None) -> Any:
+        if fault is not None and fault.buffer:
+            return fault.buffer.popleft()
+        return await queue.get()
+
+    async def _fault_point(
+        self,
+        request: web.Request,
+        rec: LegRecord,
+        queue: asyncio.Queue[Any],
+        fault: _ReqFault | None,
+        tokens: int,
+    ) -> None:
+        """Called once ``tokens`` tokens have been handed out, before anything else is sent."""
+        if fault is None:
+            return
+        if fault.stall_after is not None and not fault.stalled and tokens >= fault.stall_after[0]:
+            fault.stalled = True
+            self._count_fault(rec, "stall_after_tokens")
+            logger.info(
+                "%s fault: %s silent for %ss after %d tokens",
+                self._tag,
+                rec.request_id,
+                fault.stall_after[1],
+                tokens,
+            )
+            signal_ = await self._stall(queue, fault.stall_after[1], fault.buffer)
+            if signal_ is not None:
+                fault.buffer.appendleft(signal_)
+        if fault.die_after is not None and tokens >= fault.die_after:
+            self._count_fault(rec, "die_after_tokens")
+            logger.info(
+                "%s fault: cutting the connection of %s after %d tokens",
+                self._tag,
+                rec.request_id,
+                tokens,
+            )
+            transport = request.transport
+            if transport is not None:
+                transport.close()  # flushes what was written, then FIN: no final chunk
+            raise _ConnectionCut
 
     # ---------------------------------------------------------------- ZMQ plumbing
 
@@ -1181,19 +1688,37 @@ class SimInstance:
             return web.json_response(
                 _error_body(e.message, e.err_type, e.status, e.param), status=e.status
             )
-        rec.started = True
+        fault = self._draw_fault()
+        if fault is not None and fault.status is not None:
+            return self._status_fault(rec, fault.status)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues.add(queue)
         tasks: list[asyncio.Task[Any]] = []
-        for ch in choices:
-            t = asyncio.ensure_future(self._run_choice(ch, spec, queue))
-            self._engine_tasks.add(t)
-            t.add_done_callback(self._engine_tasks.discard)
-            tasks.append(t)
         try:
+            if fault is not None and fault.stall_first_byte is not None:
+                self._count_fault(rec, "stall_first_byte")
+                logger.info(
+                    "%s fault: %s silent for %ss before the first byte",
+                    self._tag,
+                    rec.request_id,
+                    fault.stall_first_byte,
+                )
+                signal_ = await self._stall(queue, fault.stall_first_byte, None)
+                if signal_ is not None:
+                    return self._fail_response(rec, signal_)
+            rec.started = True
+            for ch in choices:
+                t = asyncio.ensure_future(self._run_choice(ch, spec, queue))
+                self._engine_tasks.add(t)
+                t.add_done_callback(self._engine_tasks.discard)
+                tasks.append(t)
             if spec.stream:
-                return await self._respond_stream(request, rec, spec, choices, queue)
-            return await self._respond_json(rec, spec, choices, queue)
+                return await self._respond_stream(request, rec, spec, choices, queue, fault)
+            return await self._respond_json(request, rec, spec, choices, queue, fault)
+        except _ConnectionCut:
+            rec.finished_at = time.time()
+            # End like a dropped connection: aiohttp writes nothing more.
+            raise asyncio.CancelledError from None
         except asyncio.CancelledError:
             self._mark_cancelled(rec)
             raise
@@ -1218,19 +1743,29 @@ class SimInstance:
         }
 
     async def _respond_json(
-        self, rec: LegRecord, spec: _Spec, choices: list[_Choice], queue: asyncio.Queue[Any]
+        self,
+        request: web.Request,
+        rec: LegRecord,
+        spec: _Spec,
+        choices: list[_Choice],
+        queue: asyncio.Queue[Any],
+        fault: _ReqFault | None,
     ) -> web.Response:
         texts = {ch.index: "" for ch in choices}
         tokens = {ch.index: 0 for ch in choices}
         finals: dict[int, _Event] = {}
+        seen = 0
+        await self._fault_point(request, rec, queue, fault, seen)
         while len(finals) < len(choices):
-            ev = await queue.get()
+            ev = await self._next_event(queue, fault)
             if isinstance(ev, _Signal):
                 return self._fail_response(rec, ev)
             texts[ev.index] += ev.delta
             tokens[ev.index] = ev.n_tokens
             if ev.final:
                 finals[ev.index] = ev
+            seen += 1
+            await self._fault_point(request, rec, queue, fault, seen)
         out_choices: list[dict[str, Any]] = []
         for ch in choices:
             fin = finals[ch.index]
@@ -1284,6 +1819,7 @@ class SimInstance:
         spec: _Spec,
         choices: list[_Choice],
         queue: asyncio.Queue[Any],
+        fault: _ReqFault | None,
     ) -> web.StreamResponse:
         # Headers go out before the engine runs (vLLM returns its generator first), so an
         # engine death after this point is a 200 followed by an SSE error chunk.
@@ -1307,11 +1843,13 @@ class SimInstance:
 
         try:
             await resp.prepare(request)
+            seen = 0
+            await self._fault_point(request, rec, queue, fault, seen)
             role_sent: set[int] = set()
             tokens = {ch.index: 0 for ch in choices}
             done: set[int] = set()
             while len(done) < len(choices):
-                ev = await queue.get()
+                ev = await self._next_event(queue, fault)
                 if isinstance(ev, _Signal):
                     if ev is _DEAD:
                         err = _error_body(self._dead_message(), "InternalServerError", 500)
@@ -1325,6 +1863,7 @@ class SimInstance:
                     self._finish(rec, 500 if ev is _DEAD else 503)
                     return resp
                 tokens[ev.index] = ev.n_tokens
+                seen += 1
                 if spec.chat:
                     if ev.index not in role_sent:
                         role_sent.add(ev.index)
@@ -1339,6 +1878,7 @@ class SimInstance:
                             )
                         )
                     if not ev.delta and not ev.final:
+                        await self._fault_point(request, rec, queue, fault, seen)
                         continue
                     c = chunk(
                         {
@@ -1369,6 +1909,7 @@ class SimInstance:
                 await send(c)
                 if ev.final:
                     done.add(ev.index)
+                await self._fault_point(request, rec, queue, fault, seen)
             if spec.include_usage:
                 await send(
                     {
@@ -2104,9 +2645,10 @@ async def run_sim(config: SimConfig) -> int:
     """Run one simulated instance until SIGINT/SIGTERM (exit 0) or engine death (exit 1)."""
     inst = SimInstance(config)
     await inst.start()
+    control = f" control={inst.control_url}" if inst.control_url else ""
     print(
         f"moriio-proxy sim: role={config.role} mode={config.mode} url={inst.url} "
-        f"http_address={inst.http_address} zmq_address={inst.zmq_address}",
+        f"http_address={inst.http_address} zmq_address={inst.zmq_address}{control}",
         flush=True,
     )
     loop = asyncio.get_running_loop()
@@ -2140,6 +2682,7 @@ __all__ = [
     "EOS_MARKER",
     "LegRecord",
     "SimConfig",
+    "SimFaults",
     "SimInstance",
     "SimStats",
     "chat_prompt_text",
