@@ -278,3 +278,140 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_ones():
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+# ------------------------------------------------------------ injected instance faults
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_failing_prefill_is_one_clear_error_and_cancels_the_decode(mode: str):
+    async with running_proxy(max_retries=0) as proxy:
+        prefill = await proxy.add_sim("P", mode=mode)
+        decode = await proxy.add_sim("D", mode=mode)
+        await proxy.wait_registered(1, 1)
+        await prefill.set_faults(status=500)
+        for streaming in (False, True):
+            status, events, took = await stream(proxy.url, completion(stream=streaming))
+            assert status == 502
+            assert events[0]["error"]["code"] == 502
+            assert "prefill" in events[0]["error"]["message"]
+            assert took < 1.0
+        # The decode never got to wait for KV that will not come.
+        await proxy.wait_for(lambda: decode.pending_kv_waiters() == 0)
+        assert decode.stats.completed == 0
+        if mode == "READ":
+            assert decode.stats.requests == 0
+        await prefill.set_faults(status=None)
+        await next_request_succeeds(proxy)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_failing_prefill_is_retried_on_another_pair(mode: str):
+    async with running_proxy(prefill_policy="round_robin", eject_after=0) as proxy:
+        broken = await proxy.add_sim("P", mode=mode)
+        await proxy.add_sim("P", mode=mode)
+        await proxy.add_sim("D", mode=mode)
+        await proxy.wait_registered(2, 1)
+        await broken.set_faults(status=503)
+        for i in range(6):
+            status, payload, _ = await post(proxy.url, completion(prompt=f"{PROMPT} {i}"))
+            assert status == 200, payload
+            assert payload["choices"][0]["text"] == expected_text(f"{PROMPT} {i}", 4)
+        assert broken.stats.faults_applied["status"] >= 1
+        assert_no_dead(proxy)
+
+
+async def test_write_decode_failure_cancels_a_running_prefill():
+    async with running_proxy(max_retries=0) as proxy:
+        prefill = await proxy.add_sim("P", mode="WRITE", prefill_latency=2.0)
+        decode = await proxy.add_sim("D", mode="WRITE")
+        await proxy.wait_registered(1, 1)
+        await decode.set_faults(status=500)
+        status, payload, took = await post(proxy.url, completion())
+        assert status == 502
+        assert "decode" in payload["error"]["message"]
+        assert took < 1.0
+        await proxy.wait_for(lambda: prefill.stats.cancelled == 1, timeout=1.0)
+        await decode.set_faults(status=None)
+        prefill.config.prefill_latency = 0.0
+        await next_request_succeeds(proxy)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_decode_dying_mid_stream_ends_with_an_error_event(mode: str):
+    async with running_proxy() as proxy:
+        await proxy.add_sim("P", mode=mode)
+        decode = await proxy.add_sim("D", mode=mode, token_latency=0.01)
+        await proxy.wait_registered(1, 1)
+        await decode.set_faults(die_after_tokens=3)
+        status, events, took = await stream(proxy.url, completion(10, stream=True))
+        assert status == 200
+        texts = [e["choices"][0]["text"] for e in events[:-2] if e.get("choices")]
+        assert "".join(texts) == expected_text(PROMPT, 3)
+        assert events[-2]["error"]["code"] == 502
+        assert events[-1] == "[DONE]"
+        assert took < 2.0
+        await decode.set_faults(die_after_tokens=None)
+        await next_request_succeeds(proxy)
+
+
+async def test_decode_dying_before_the_first_byte_is_retried():
+    async with running_proxy(decode_policy="round_robin", eject_after=0) as proxy:
+        await proxy.add_sim("P")
+        broken = await proxy.add_sim("D")
+        await proxy.add_sim("D")
+        await proxy.wait_registered(1, 2)
+        await broken.set_faults(die_after_tokens=0)
+        for i in range(4):
+            prompt = f"{PROMPT} {i}"
+            status, events, _ = await stream(proxy.url, completion(5, stream=True, prompt=prompt))
+            assert status == 200
+            assert events[-1] == "[DONE]"
+            text = "".join(e["choices"][0]["text"] for e in events[:-1] if e.get("choices"))
+            assert text == expected_text(prompt, 5)
+        assert broken.stats.faults_applied["die_after_tokens"] >= 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_stalled_prefill_times_out_and_is_cancelled(mode: str):
+    async with running_proxy(prefill_timeout=0.5, max_retries=0) as proxy:
+        prefill = await proxy.add_sim("P", mode=mode)
+        decode = await proxy.add_sim("D", mode=mode)
+        await proxy.wait_registered(1, 1)
+        await prefill.set_faults(stall_first_byte=float("inf"))
+        status, _payload, took = await post(proxy.url, completion())
+        assert status == 504
+        assert took < 1.5
+        await proxy.wait_for(lambda: prefill.stats.cancelled == 1, timeout=1.0)
+        await proxy.wait_for(lambda: decode.pending_kv_waiters() == 0, timeout=1.0)
+        await prefill.set_faults(stall_first_byte=None)
+        await next_request_succeeds(proxy)
+
+
+async def test_unreachable_instance_that_still_heartbeats_is_ejected_then_retried():
+    async with running_proxy(
+        prefill_policy="round_robin", eject_after=2, eject_seconds=1.0
+    ) as proxy:
+        flaky = await proxy.add_sim("P")
+        await proxy.add_sim("P")
+        await proxy.add_sim("D")
+        await proxy.wait_registered(2, 1)
+        await flaky.set_faults(refuse_connections=True)
+        registry = proxy.state.registry
+        entry = next(e for e in registry.entries() if e.instance.http_address == flaky.http_address)
+        for i in range(4):
+            assert (await post(proxy.url, completion(prompt=f"{PROMPT} {i}")))[0] == 200
+        assert registry.is_ejected(entry)  # heartbeats kept arriving all along
+        await flaky.set_faults(refuse_connections=False)
+        await asyncio.sleep(1.1)  # the cooling period ends; it is tried again and serves
+        before = flaky.stats.completed
+        for i in range(4):
+            assert (await post(proxy.url, completion(prompt=f"again {i}")))[0] == 200
+        assert flaky.stats.completed > before
+        assert not registry.is_ejected(entry)
+
+
+def assert_no_dead(proxy: RunningProxy) -> None:
+    for sim in proxy.sims:
+        assert sim.dead_reason is None, sim.dead_reason
+        assert sim.stats.garbage_outputs == 0
