@@ -184,20 +184,27 @@ async def _serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> int:
     from .server import bind_listener, serve
 
     stop = stop or _stop_event()
+    try:
+        app = create_app(config)
+    except ImportError as exc:  # --discovery kubernetes without the k8s extra
+        raise ConfigError(f"--discovery: {exc}") from None
     sock = bind_listener(config.host, config.port)
-    app = create_app(config)
     try:
         await state(app).start()
     except OSError:
         sock.close()
         raise
+    where = (
+        f"pods {config.k8s_prefill_selector!r} / {config.k8s_decode_selector!r}"
+        if config.discovery == "kubernetes"
+        else f"tcp://{config.discovery_host}:{config.discovery_port}"
+    )
     log.info(
-        "moriio-proxy %s serving OpenAI on http://%s:%s (discovery tcp://%s:%s)",
+        "moriio-proxy %s serving OpenAI on http://%s:%s (discovery: %s)",
         __version__,
         config.host,
         sock.getsockname()[1],
-        config.discovery_host,
-        config.discovery_port,
+        where,
     )
     proxy = state(app)
 

@@ -44,7 +44,9 @@ async def serve(
     config.accesslog = None
     config.errorlog = "-"
     config.graceful_timeout = graceful_timeout
-    config.keep_alive_timeout = 75  # longer than typical client pools' idle time
+    # Hypercorn holds a closed client's socket until this idle timer ends, so a long one
+    # piles up CLOSE-WAIT sockets under connection churn: keep its 5 s default.
+    config.keep_alive_timeout = 5
     config.h11_max_incomplete_size = 64 * 1024
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
 
