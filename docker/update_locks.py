@@ -6,8 +6,10 @@ Both images run Python 3.12 (python:3.12-slim; vLLM's ROCm base builds PYTHON_VE
 so resolve with a 3.12 interpreter: environment markers are evaluated for the interpreter
 that runs this script.
 
-- ``docker/requirements.lock``: ``[project].dependencies`` and everything they pull in,
-  each ``name==version``. Both Dockerfiles install it, then the proxy with ``--no-deps``.
+- ``docker/requirements.lock``: ``[project].dependencies`` plus the extras in
+  ``IMAGE_EXTRAS`` (``[k8s]``: kubernetes-asyncio, which the Kubernetes manifests need for
+  ``--discovery kubernetes``) and everything they pull in, each ``name==version``, resolved
+  together as one set. Both Dockerfiles install it, then the proxy with ``--no-deps``.
 - ``docker/requirements-test.lock``: the ``[test]`` extra's pytest and pytest-asyncio and
   what they add beyond the runtime lock, for Dockerfile.rocm's ``test`` stage.
 
@@ -31,6 +33,9 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_LOCK = ROOT / "docker" / "requirements.lock"
 TEST_LOCK = ROOT / "docker" / "requirements-test.lock"
+# Extras both images install with the runtime dependencies, in requirements.lock: the
+# Kubernetes manifests run the proxy image with --discovery kubernetes, which needs [k8s].
+IMAGE_EXTRAS = ("k8s",)
 # The [test] extra's packages the image's test stage needs to run tests/ (not the linters).
 IMAGE_TEST_PACKAGES = ("pytest", "pytest-asyncio")
 
@@ -73,11 +78,19 @@ def write_lock(path: Path, pins: dict[str, str], what: str) -> None:
 
 def main() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    missing_extras = [e for e in IMAGE_EXTRAS if e not in extras]
+    if missing_extras:
+        raise SystemExit(f"pyproject.toml has no extra {missing_extras}")
     runtime = list(project["dependencies"])
+    for extra in IMAGE_EXTRAS:
+        runtime += extras[extra]
     runtime_pins = resolve(runtime)
-    write_lock(RUNTIME_LOCK, runtime_pins, "moriio-proxy runtime dependencies, pinned.")
+    names = ", ".join(f"[{e}]" for e in IMAGE_EXTRAS)
+    what = f"moriio-proxy runtime dependencies and the {names} extra, pinned."
+    write_lock(RUNTIME_LOCK, runtime_pins, what)
 
-    test_extra = project["optional-dependencies"]["test"]
+    test_extra = extras["test"]
     wanted = [r for r in test_extra if requirement_name(r) in IMAGE_TEST_PACKAGES]
     missing = set(IMAGE_TEST_PACKAGES) - {requirement_name(r) for r in wanted}
     if missing:

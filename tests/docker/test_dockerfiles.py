@@ -300,6 +300,31 @@ def test_proxy_versions_txt_records_the_image(proxy: Dockerfile, tmp_path: Path)
     }
 
 
+# --------------------------------------------------------------------------- both images
+
+
+@pytest.mark.parametrize(
+    ("path", "stage_name"), [(ROCM, "mori_base"), (PROXY, "build")], ids=["rocm", "proxy"]
+)
+def test_both_images_install_the_k8s_extra_and_check_it_imports(
+    path: Path, stage_name: str
+) -> None:
+    """The Kubernetes manifests run the images with --discovery kubernetes: each image installs
+    requirements.lock (which pins the [k8s] extra, tests/docker/test_locks.py) before the
+    proxy, and the proxy's install step imports the Kubernetes discovery module."""
+    stage = parse_dockerfile(path).stage(stage_name)
+    assert "kubernetes-asyncio" in (DOCKER / "requirements.lock").read_text()
+    (lock,) = [d for s, d, _ in stage.copies() if s == ["docker/requirements.lock"]]
+    runs = [r.value for r in stage.all("RUN")]
+    deps = [i for i, r in enumerate(runs) if re.search(rf"-r {re.escape(lock)}(\s|$)", r)]
+    (install,) = [i for i, r in enumerate(runs) if "--no-deps" in r]
+    assert deps and max(deps) < install, "the lock goes in before the proxy (--no-deps)"
+    check = re.search(r"(python3?) -c '(import moriio_proxy\.k8s_discovery)'", runs[install])
+    assert check, "the proxy's install step does not import moriio_proxy.k8s_discovery"
+    # The same check, here: it passes where kubernetes-asyncio is installed.
+    subprocess.run([sys.executable, "-c", check.group(2)], cwd="/", check=True, timeout=60)
+
+
 # --------------------------------------------------------------------------- the build context
 
 

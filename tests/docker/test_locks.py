@@ -1,18 +1,21 @@
 """The pinned dependency files the images install, against pyproject.toml's ranges.
 
-A dependency added to or changed in pyproject.toml fails here until the locks are
-regenerated (``python3.12 docker/update_locks.py``), so the images cannot drift silently.
+A dependency added to or changed in pyproject.toml (``[project].dependencies``, the extras
+the images carry, the image's test runner) fails here until the locks are regenerated
+(``python3.12 docker/update_locks.py``), so the images cannot drift silently.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata
+import itertools
 import re
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -52,15 +55,35 @@ def project() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
-def image_test_packages() -> tuple[str, ...]:
-    """update_locks.py's IMAGE_TEST_PACKAGES, read without running the script."""
+def update_locks_constant(name: str) -> tuple[str, ...]:
+    """A constant of update_locks.py, read without running the script."""
     tree = ast.parse((DOCKER / "update_locks.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "IMAGE_TEST_PACKAGES" for t in node.targets
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
         ):
             return ast.literal_eval(node.value)
-    raise AssertionError("update_locks.py has no IMAGE_TEST_PACKAGES")
+    raise AssertionError(f"update_locks.py has no {name}")
+
+
+def image_test_packages() -> tuple[str, ...]:
+    return update_locks_constant("IMAGE_TEST_PACKAGES")
+
+
+def image_extras() -> tuple[str, ...]:
+    """The extras whose packages requirements.lock pins beside the runtime dependencies."""
+    return update_locks_constant("IMAGE_EXTRAS")
+
+
+def runtime_groups() -> list[str]:
+    """What requirements.lock must satisfy: ``dependencies`` and each image extra."""
+    return ["dependencies", *(f"[{extra}]" for extra in image_extras())]
+
+
+def requirements_of(group: str) -> list[str]:
+    if group == "dependencies":
+        return list(project()["dependencies"])
+    return list(project()["optional-dependencies"][group.strip("[]")])
 
 
 @pytest.mark.parametrize("path", [RUNTIME_LOCK, TEST_LOCK], ids=lambda p: p.name)
@@ -68,15 +91,52 @@ def test_every_line_is_an_exact_pin(path: Path) -> None:
     assert read_lock(path), f"{path.name} pins nothing"
 
 
-def test_the_lock_pins_every_runtime_dependency_inside_pyprojects_range() -> None:
+@pytest.mark.parametrize("group", runtime_groups())
+def test_the_lock_pins_every_runtime_requirement_inside_pyprojects_range(group: str) -> None:
     pins = read_lock(RUNTIME_LOCK)
-    for text in project()["dependencies"]:
+    requirements = requirements_of(group)
+    assert requirements, f"pyproject's {group} is empty"
+    for text in requirements:
         requirement = Requirement(text)
         name = canonicalize_name(requirement.name)
-        assert name in pins, f"{name} is a dependency but not in requirements.lock"
+        assert name in pins, f"{name} is in pyproject's {group} but not in requirements.lock"
         assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"requirements.lock pins {name}=={pins[name]}, outside pyproject's {text!r}"
         )
+
+
+def kubernetes_discovery_args() -> list[list[str]]:
+    """The args of every container in deploy/kubernetes that runs ``--discovery kubernetes``."""
+    found = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            args = node.get("args")
+            if isinstance(args, list) and any(
+                a == "--discovery" and b == "kubernetes" for a, b in itertools.pairwise(args)
+            ):
+                found.append(args)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path in sorted((ROOT / "deploy" / "kubernetes").rglob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            walk(document)
+    return found
+
+
+def test_the_images_carry_the_k8s_extra_the_manifests_need() -> None:
+    # The kubernetes-discovery component runs the proxy image with --discovery kubernetes,
+    # which imports kubernetes-asyncio: pyproject's [k8s] extra.
+    assert kubernetes_discovery_args(), "no manifest runs --discovery kubernetes any more"
+    assert "k8s" in project()["optional-dependencies"], "pyproject lost its [k8s] extra"
+    assert "k8s" in image_extras(), "requirements.lock must pin the [k8s] extra"
+    pins = read_lock(RUNTIME_LOCK)
+    assert "kubernetes-asyncio" in pins
+    assert "kubernetes-asyncio" not in read_lock(TEST_LOCK)
 
 
 def test_the_test_lock_pins_the_images_test_runner_inside_pyprojects_range() -> None:
@@ -105,33 +165,64 @@ def test_the_locks_were_resolved_for_the_images_python() -> None:
     assert lock_python(RUNTIME_LOCK) == lock_python(TEST_LOCK) == match.group(1)
 
 
-def test_the_locks_are_closed_under_their_dependencies() -> None:
-    """Every requirement of a pinned package is pinned too, at a version it accepts.
+def pinned_requirements(name: str, pins: dict[str, str], python: str) -> list[str] | None:
+    """The requirements of ``name`` at its pinned version that apply on the lock's Python,
+    checked to be pinned inside their ranges; None if this environment lacks that version.
 
-    Needs each package's metadata: it is read from this environment for the packages whose
-    installed version is the pinned one (all of them in a venv installed on the day the
-    locks were made)."""
+    The metadata is read from this environment, which has it for the packages whose installed
+    version is the pinned one (all of them in a venv installed on the day the locks were
+    made)."""
+    version = pins[name]
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if dist.version != version:
+        return None
+    environment = {"python_version": python, "python_full_version": f"{python}.0", "extra": ""}
+    needs = []
+    for text in dist.requires or []:
+        requirement = Requirement(text)
+        marker = requirement.marker or Marker("python_version > '0'")
+        if not marker.evaluate(environment):
+            continue
+        needed = canonicalize_name(requirement.name)
+        assert needed in pins, f"{name}=={version} needs {text!r}, which no lock pins"
+        assert requirement.specifier.contains(pins[needed], prereleases=True), (
+            f"{name}=={version} needs {text!r}; the lock has {needed}=={pins[needed]}"
+        )
+        needs.append(needed)
+    return needs
+
+
+def test_the_locks_are_closed_under_their_dependencies() -> None:
+    """Every requirement of a pinned package is pinned too, at a version it accepts."""
     pins = read_lock(RUNTIME_LOCK) | read_lock(TEST_LOCK)
     python = lock_python(RUNTIME_LOCK)
-    environment = {"python_version": python, "python_full_version": f"{python}.0", "extra": ""}
-    checked = 0
-    for name, version in pins.items():
-        try:
-            dist = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        if dist.version != version:
-            continue
-        checked += 1
-        for text in dist.requires or []:
-            requirement = Requirement(text)
-            marker = requirement.marker or Marker("python_version > '0'")
-            if not marker.evaluate(environment):
-                continue
-            needed = canonicalize_name(requirement.name)
-            assert needed in pins, f"{name}=={version} needs {text!r}, which no lock pins"
-            assert requirement.specifier.contains(pins[needed], prereleases=True), (
-                f"{name}=={version} needs {text!r}; the lock has {needed}=={pins[needed]}"
-            )
-    if checked == 0:
+    checked = [n for n in pins if pinned_requirements(n, pins, python) is not None]
+    if not checked:
         pytest.skip("no pinned version is installed here: run docker/update_locks.py")
+
+
+@pytest.mark.parametrize("extra", image_extras())
+def test_the_runtime_lock_holds_each_image_extras_whole_closure(extra: str) -> None:
+    """From the extra's own packages, every package they pull in, transitively, is pinned in
+    requirements.lock (not only in the test lock), at a version its dependents accept."""
+    pins = read_lock(RUNTIME_LOCK)
+    python = lock_python(RUNTIME_LOCK)
+    todo = [canonicalize_name(Requirement(t).name) for t in requirements_of(f"[{extra}]")]
+    seen: set[str] = set()
+    unread: list[str] = []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        assert name in pins, f"[{extra}] pulls in {name}, which requirements.lock does not pin"
+        needs = pinned_requirements(name, pins, python)
+        if needs is None:
+            unread.append(f"{name}=={pins[name]}")
+        else:
+            todo += needs
+    if unread:
+        pytest.skip(f"not installed here at the pinned version: {', '.join(sorted(unread))}")
