@@ -77,15 +77,7 @@ class Discovery:
         self._log = RateLimitedLog(log)
 
     async def start(self) -> None:
-        for instance in self.static:
-            if self.registry.upsert(instance, static=True) == "conflict":
-                log.error(
-                    "static instance %s %s ignored: its transfer_mode %s disagrees with %s",
-                    instance.role,
-                    instance.http_address,
-                    instance.transfer_mode,
-                    self.registry.mode,
-                )
+        register_static(self.registry, self.static)
         self._ctx = zmq.asyncio.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -198,6 +190,19 @@ class Discovery:
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
                 self.registry.sweep()
+
+
+def register_static(registry: Registry, instances: Sequence[Instance]) -> None:
+    """Add the config file's instances (never evicted); refuse loudly those in the wrong mode."""
+    for instance in instances:
+        if registry.upsert(instance, static=True) == "conflict":
+            log.error(
+                "static instance %s %s ignored: its transfer_mode %s disagrees with %s",
+                instance.role,
+                instance.http_address,
+                instance.transfer_mode,
+                registry.mode,
+            )
 
 
 def _peer_address(frame: zmq.Frame) -> str | None:

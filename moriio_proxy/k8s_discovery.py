@@ -38,7 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import __version__
-from .discovery import RateLimitedLog
+from .discovery import RateLimitedLog, register_static
 from .metrics import Metrics
 from .protocol import (
     TRANSFER_MODES,
@@ -259,15 +259,7 @@ class KubernetesDiscovery:
         Does not wait for the API server: an unreachable one is retried in the
         background, and ``ready`` tells when the first lists have arrived.
         """
-        for instance in self.static:
-            if self.registry.upsert(instance, static=True) == "conflict":
-                log.error(
-                    "static instance %s %s ignored: its transfer_mode %s disagrees with %s",
-                    instance.role,
-                    instance.http_address,
-                    instance.transfer_mode,
-                    self.registry.mode,
-                )
+        register_static(self.registry, self.static)
         self._api = await self._connect()
         self._core = k8s_client.CoreV1Api(self._api)
         if self.namespace is None:
