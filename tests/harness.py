@@ -86,7 +86,7 @@ async def running_proxy(**overrides: Any) -> AsyncIterator[RunningProxy]:
     port = sock.getsockname()[1]
     running = RunningProxy(
         url=f"http://127.0.0.1:{port}",
-        discovery=f"127.0.0.1:{proxy_state.discovery.bound_port}",
+        discovery=f"127.0.0.1:{getattr(proxy_state.discovery, 'bound_port', None)}",
         state=proxy_state,
     )
     try:
