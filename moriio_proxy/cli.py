@@ -1,4 +1,4 @@
-"""The ``moriio-proxy`` command: ``serve``, ``sim`` and ``demo``.
+"""The ``moriio-proxy`` command: ``serve``, ``sim``, ``demo`` and ``check``.
 
 Exit codes: 0 clean shutdown, 2 bad usage or configuration (one line on stderr), 1 for
 anything else (a port already taken, an engine that died in the simulator).
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from . import check as check_command
 from .config import OPTIONS, ConfigError, ProxyConfig, load_config
 
 log = logging.getLogger("moriio_proxy")
@@ -132,11 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--discovery-port", type=int, default=36367)
     demo.add_argument("--mode", choices=("READ", "WRITE"), default="READ", type=str.upper)
     demo.add_argument("--token-latency", type=float, default=0.02, help="seconds per token")
+    check_command.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return check_command.main(args)
     try:
         if args.command == "serve":
             cli_values = {o.name: getattr(args, o.name) for o in OPTIONS}
