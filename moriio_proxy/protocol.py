@@ -304,6 +304,18 @@ def parse_client_request(endpoint: Endpoint, body: Any) -> ClientRequest:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise RequestError("'stream_options' must be an object", "stream_options")
+    # Checked here, not left to the decode engine: the prefill leg (one token, no stream
+    # options) would pass, and in READ mode its KV would sit on P until defer_timeout.
+    if options and stream is not True:
+        raise RequestError(
+            "Stream options can only be defined when `stream=True`.", "stream_options"
+        )
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise RequestError(f"'{key}' must be an integer", key)
+        if value is not None and value < 1:
+            raise RequestError(f"'{key}' must be at least 1, got {value}", key)
     model = body.get("model")
     return ClientRequest(
         endpoint=endpoint,

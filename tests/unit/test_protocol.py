@@ -855,3 +855,31 @@ def test_error_body_has_vllms_shape():
     assert body["error"]["param"] is None
     assert body["error"]["message"] == "no instances"
     assert error_body("x", 502, err_type="Custom")["error"]["type"] == "Custom"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": -3}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": "8"}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "a", "max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+        (
+            {"prompt": "a", "stream": False, "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
+    ],
+)
+def test_requests_a_decode_engine_would_refuse_are_refused_before_any_leg(body, param):
+    # The prefill leg (one token, no stream options) would pass these, and in READ mode
+    # its KV blocks would then wait on P for defer_timeout.
+    with pytest.raises(RequestError) as err:
+        parse_client_request("completions", body)
+    assert err.value.param == param
+
+
+def test_empty_stream_options_without_stream_are_accepted_as_vllm_does():
+    parse_client_request("completions", {"prompt": "a", "stream_options": {}})
+    parse_client_request("completions", {"prompt": "a", "max_tokens": None})
