@@ -2237,15 +2237,22 @@ class SimInstance:
             plan = self._plan(ch, spec, kv_fingerprint(ch.text), False)
         await self._emit(ch, plan, queue)
 
+    @staticmethod
+    def _adopt_transfer_id(ch: _Choice) -> str:
+        """update_state_after_alloc (0.32): the leg's transfer_id, or ``sidecar-<id>``,
+        which the other leg can never match (so a WRITE decode then waits forever)."""
+        assert ch.kv is not None
+        tid = ch.kv.get("transfer_id") or f"sidecar-{ch.engine_id}"
+        ch.kv.setdefault("transfer_id", tid)
+        ch.rec.transfer_id = tid
+        return tid
+
     async def _prefill_leg(self, ch: _Choice, spec: _Spec, queue: asyncio.Queue[Any]) -> None:
         """P with do_remote_decode: compute the KV, hold the blocks, answer with params."""
         assert ch.kv is not None
         kv = ch.kv
         st = self._ranks[ch.rank]
-        # update_state_after_alloc: transfer_id or a sidecar id the decode can never match.
-        tid = kv.get("transfer_id") or f"sidecar-{ch.engine_id}"
-        kv.setdefault("transfer_id", tid)
-        ch.rec.transfer_id = tid
+        tid = self._adopt_transfer_id(ch)
         write_meta: _ReqMeta | None = None
         write_dp_local = 0
         if self.config.mode == "WRITE":
@@ -2335,9 +2342,7 @@ class SimInstance:
         """D, READ, do_remote_prefill: pull P's KV by block id, then decode from it."""
         assert ch.kv is not None
         kv = ch.kv
-        tid = kv.get("transfer_id") or f"sidecar-{ch.engine_id}"
-        kv.setdefault("transfer_id", tid)
-        ch.rec.transfer_id = tid
+        self._adopt_transfer_id(ch)
         num_external = max(len(ch.words) - 1, 0)  # READ recomputes the last token locally
         meta: _ReqMeta | None = None
         remote_group: list[Any] | None = None
@@ -2475,9 +2480,7 @@ class SimInstance:
         assert ch.kv is not None
         kv = ch.kv
         st = self._ranks[ch.rank]
-        tid = kv.get("transfer_id") or f"sidecar-{ch.engine_id}"
-        kv.setdefault("transfer_id", tid)
-        ch.rec.transfer_id = tid
+        tid = self._adopt_transfer_id(ch)
         # update_state_after_alloc, WRITE consumer branch (moriio_connector.py:1101-1205)
         remote_dp_rank = kv.get("remote_dp_rank", 0)
         try:

@@ -25,19 +25,9 @@ import zmq.asyncio
 
 from moriio_proxy import cli
 from moriio_proxy.sim import SimConfig, SimFaults, SimInstance, expected_text
+from tests.unit.test_sim import sim
 
 PROMPT = "the quick brown fox jumps over the lazy dog again and again"
-
-
-@contextlib.asynccontextmanager
-async def sim(role: str = "P", mode: str = "READ", **kw: Any) -> AsyncIterator[SimInstance]:
-    kw.setdefault("transfer_timeout", 1.0)
-    inst = SimInstance(SimConfig(role=role, mode=mode, **kw))
-    await inst.start()
-    try:
-        yield inst
-    finally:
-        await inst.stop()
 
 
 @pytest.fixture
