@@ -570,7 +570,7 @@ class Relay:
         return None
 
     def _scan(self, block: bytes) -> bytes:
-        if b"\ndata: [DONE]" in b"\n" + block:
+        if block.startswith(b"data: [DONE]") or b"\ndata: [DONE]" in block:
             self.saw_done = True
         return self._scrub.data(block)
 
