@@ -253,7 +253,7 @@ async def _serve(proxy: ProxyState, endpoint: Endpoint) -> Response:
     if isinstance(answer, JsonAnswer):
         metrics.first_byte_seconds.observe(time.monotonic() - started)
         finish("ok")
-        return _json(answer.body, answer.status, headers)
+        return _json(answer.body, 200, headers)
     relay = answer.chunks
     relay.on_first_byte = lambda: metrics.first_byte_seconds.observe(time.monotonic() - started)
     relay.add_close_callback(lambda: finish("ok" if relay.saw_done else "stream_error"))

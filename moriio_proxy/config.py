@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
+from .policies import POLICIES
 from .protocol import Instance, RegistrationError, parse_registration
 
 ENV_PREFIX = "MORIIO_PROXY_"
-POLICIES = ("round_robin", "least_loaded")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 

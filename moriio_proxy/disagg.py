@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-import aiohttp
 
 from .metrics import Metrics
 from .policies import Policy, RankPicker
 from .protocol import (
     ClientRequest,
-    Endpoint,
     Instance,
     TransferMode,
     build_decode_leg,
@@ -36,16 +32,14 @@ from .protocol import (
     new_request_id,
     new_transfer_id,
     prefill_as_answer,
-    rewrite_id,
 )
 from .registry import Entry, Registry
-from .upstream import Upstream, UpstreamError, UpstreamProtocolError, UpstreamStatusError
+from .relay import DONE, Relay, Scrubber, public_message, sse_event
+from .upstream import Upstream, UpstreamError, UpstreamStatusError
 
 log = logging.getLogger("moriio_proxy.disagg")
 
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_DONE = b"data: [DONE]\n\n"
-_MAX_EVENT_BYTES = 8 << 20
 _T = TypeVar("_T")
 _INTERNAL_ID_RE = re.compile(r"___prefill_addr_.*?___decode_addr_.*?_[0-9a-f]{32}")
 
@@ -75,8 +69,9 @@ class ProxyError(Exception):
 
 @dataclass
 class JsonAnswer:
+    """A whole (non-streaming) answer, already scrubbed of internal ids."""
+
     body: dict[str, Any]
-    status: int = 200
 
 
 @dataclass
@@ -237,7 +232,7 @@ class Disaggregator:
         p, d = pair.prefill.instance, pair.decode.instance
         transfer_id = new_transfer_id()
         request_id = new_request_id(p, d)
-        scrub = _Scrubber(request_id, suffix, request.endpoint)
+        scrub = Scrubber(request_id, suffix, request.endpoint)
         prefill_leg = build_prefill_leg(
             request, p, d, transfer_id=transfer_id, request_id=request_id, dp_rank=pair.rank
         )
@@ -285,7 +280,7 @@ class Disaggregator:
         pair: _Pair,
         run_prefill: Callable[[], Any],
         leg: Any,
-        scrub: _Scrubber,
+        scrub: Scrubber,
         deadline: float,
     ) -> JsonAnswer | StreamAnswer:
         """Both legs at once; the answer waits for prefill's verdict before any byte."""
@@ -360,22 +355,22 @@ class Disaggregator:
         return params
 
     def _prefill_answer(
-        self, payload: dict[str, Any], request: ClientRequest, scrub: _Scrubber
+        self, payload: dict[str, Any], request: ClientRequest, scrub: Scrubber
     ) -> JsonAnswer | StreamAnswer:
         body = scrub.json(payload)
         if not request.stream:
             return JsonAnswer(body)
         events = [
-            _event(c) for c in prefill_as_answer(body, request.endpoint, request.include_usage)
+            sse_event(c) for c in prefill_as_answer(body, request.endpoint, request.include_usage)
         ]
-        return StreamAnswer(Relay.from_events([*events, _DONE], scrub))
+        return StreamAnswer(Relay.from_events([*events, DONE], scrub))
 
     async def _decode(
         self,
         request: ClientRequest,
         entry: Entry,
         leg: Any,
-        scrub: _Scrubber,
+        scrub: Scrubber,
         deadline: float,
         *,
         deliver: bool = False,
@@ -384,17 +379,17 @@ class Disaggregator:
         stack.enter_context(self.registry.track(entry))
         try:
             if not request.stream:
-                send = self.upstream.post_json(
-                    leg, _remaining(self.upstream.timeouts.first_byte, deadline)
-                )
+                send = self.upstream.post_json(leg, self.upstream.timeouts.first_byte, deadline)
                 try:
-                    payload = await self._send(send, deliver)
+                    payload = await self._send(send, deliver, _ignore)
                 except UpstreamError as exc:
                     raise _LegFailure("decode", entry, exc) from None
                 self.registry.report_success(entry)
                 return JsonAnswer(scrub.json(payload))
             try:
-                resp = await self._send(self.upstream.open_stream(leg, deadline), deliver)
+                resp = await self._send(
+                    self.upstream.open_stream(leg, deadline), deliver, Upstream.abort
+                )
             except UpstreamError as exc:
                 raise _LegFailure("decode", entry, exc) from None
             stack.callback(resp.close)
@@ -409,19 +404,22 @@ class Disaggregator:
         finally:
             stack.close()
 
-    async def _send(self, call: Coroutine[Any, Any, _T], deliver: bool) -> _T:
+    async def _send(
+        self, call: Coroutine[Any, Any, _T], deliver: bool, discard: Callable[[_T], None]
+    ) -> _T:
         """Await an upstream call; with ``deliver``, a cancelled caller does not cancel it
-        at once but lets it reach the instance first (see ``_linger``)."""
+        at once but lets it reach the instance first (see ``_linger``), and ``discard``
+        frees what it returns once nobody wants it."""
         if not deliver:
             return await call
         task = asyncio.ensure_future(call)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            self._spawn(self._linger(task))
+            self._spawn(self._linger(task, discard))
             raise
 
-    async def _linger(self, task: asyncio.Future[Any]) -> None:
+    async def _linger(self, task: asyncio.Future[_T], discard: Callable[[_T], None]) -> None:
         """Give an abandoned READ decode leg a moment to reach D, then abort it there.
 
         P keeps a finished prefill's KV blocks until D reads or releases them (or P's
@@ -434,9 +432,7 @@ class Disaggregator:
         await asyncio.wait({task}, timeout=self.release_grace)
         task.cancel()
         with contextlib.suppress(BaseException):
-            result = await task
-            if isinstance(result, aiohttp.ClientResponse):
-                result.close()
+            discard(await task)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -450,164 +446,13 @@ class Disaggregator:
         await asyncio.gather(*self._background, return_exceptions=True)
 
 
-class _Scrubber:
-    """Swaps vLLM's internal request id (which names internal addresses) for the public one."""
-
-    def __init__(self, internal_id: str, suffix: str, endpoint: Endpoint) -> None:
-        self.internal = internal_id
-        self.suffix = suffix
-        self.public_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + suffix
-        self._internal_bytes = internal_id.encode()
-        self._suffix_bytes = suffix.encode()
-
-    def text(self, value: str) -> str:
-        return value.replace(self.internal, self.suffix)
-
-    def data(self, raw: bytes) -> bytes:
-        return raw.replace(self._internal_bytes, self._suffix_bytes)
-
-    def json(self, payload: dict[str, Any]) -> dict[str, Any]:
-        rewritten = rewrite_id(payload, self.public_id)
-        dumped = json.dumps(rewritten)
-        if self.internal in dumped:  # e.g. echoed in an error message or a nested id
-            rewritten = json.loads(dumped.replace(self.internal, self.suffix))
-        return rewritten
-
-
-class Relay:
-    """The decode stream as client-ready SSE events, with the internal id scrubbed.
-
-    It is its own async iterator with a synchronous ``close()``, so upstream resources
-    are freed whether the client reads to the end, disconnects mid-stream, or goes away
-    before the first byte (Quart then never starts iterating).
-    """
-
-    def __init__(
-        self,
-        chunks: AsyncIterator[bytes] | None,
-        scrub: _Scrubber,
-        stack: contextlib.ExitStack | None = None,
-        events: list[bytes] | None = None,
-    ) -> None:
-        self._chunks = chunks
-        self._buffer = b""
-        self._scrub = scrub
-        self._stack = stack or contextlib.ExitStack()
-        self._pending: list[bytes] = list(events or [])
-        self._done = chunks is None
-        self._closed = False
-        self.handed_out = False
-        self.saw_done = False
-        self.on_first_byte: Callable[[], None] | None = None
-
-    @classmethod
-    def from_events(cls, events: list[bytes], scrub: _Scrubber) -> Relay:
-        return cls(None, scrub, events=events)
-
-    async def prime(self) -> None:
-        """Read the first event before the response is committed, so an early failure can
-        still become an HTTP status (and a retry) instead of an SSE error."""
-        event = await self._read_event()
-        if event is not None:
-            self._pending.append(event)
-
-    def __aiter__(self) -> Relay:
-        self.handed_out = True
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._pending:
-            return self._first(self._pending.pop(0))
-        if self._done or self._closed:
-            self.close()
-            raise StopAsyncIteration
-        try:
-            event = await self._read_event()
-        except UpstreamError as exc:
-            log.warning("decode stream failed after the first byte: %s", exc.message)
-            self._done = True
-            error = error_body(f"decode stream failed: {_public_message(exc)}", exc.status)
-            self._pending.append(_DONE)
-            return _event(error)
-        except BaseException:
-            self.close()
-            raise
-        if event is None:
-            self._done = True
-            if not self.saw_done:
-                error = error_body("the decode instance ended the stream early", 502)
-                self._pending.append(_DONE)
-                return _event(error)
-            self.close()
-            raise StopAsyncIteration
-        return self._first(event)
-
-    def _first(self, event: bytes) -> bytes:
-        if self.on_first_byte is not None:
-            self.on_first_byte()
-            self.on_first_byte = None
-        return event
-
-    async def _read_event(self) -> bytes | None:
-        """Every complete SSE event received so far, as one block (one client write);
-        None at the end of the stream.
-
-        Only complete events are scrubbed and passed on, so the internal id can never be
-        split across two writes; under load several events leave in one write.
-        """
-        assert self._chunks is not None
-        async for chunk in self._chunks:
-            self._buffer += chunk
-            cut = _event_end(self._buffer)
-            if cut:
-                block, self._buffer = self._buffer[:cut], self._buffer[cut:]
-                return self._scan(block)
-            if len(self._buffer) > _MAX_EVENT_BYTES:
-                raise UpstreamProtocolError("the decode instance sent an oversized SSE event")
-        if self._buffer.strip():
-            block, self._buffer = self._buffer + b"\n\n", b""
-            return self._scan(block)
-        return None
-
-    def _scan(self, block: bytes) -> bytes:
-        if block.startswith(b"data: [DONE]") or b"\ndata: [DONE]" in block:
-            self.saw_done = True
-        return self._scrub.data(block)
-
-    def add_close_callback(self, callback: Callable[[], None]) -> None:
-        self._stack.callback(callback)
-
-    async def aclose(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Abort the upstream response and release the in-flight counters (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._stack.close()
-
-    def __del__(self) -> None:
-        self.close()
-
-
-def _remaining(limit: float, deadline: float) -> float:
-    return max(0.001, min(limit, deadline - time.monotonic()))
+def _ignore(_: object) -> None:
+    """Nothing to free: a JSON answer is already read and released."""
 
 
 def _retryable(error: UpstreamError) -> bool:
     """Whether another pair could do better: anything but the engine refusing the request."""
     return not (isinstance(error, UpstreamStatusError) and 400 <= error.status < 500)
-
-
-def _event_end(buffer: bytes) -> int:
-    """Where the last complete SSE event in ``buffer`` ends (0: none is complete yet)."""
-    lf, crlf = buffer.rfind(b"\n\n"), buffer.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-
-
-def _event(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _finished_by_itself(payload: dict[str, Any]) -> bool:
@@ -623,13 +468,6 @@ def _wanted_tokens(body: dict[str, Any]) -> int | None:
     return None
 
 
-def _public_message(error: UpstreamError) -> str:
-    """The part of an upstream failure a client may see: no internal addresses."""
-    if isinstance(error, UpstreamStatusError):
-        return f"HTTP {error.status}"
-    return {"timeout": "timed out", "connect": "unreachable"}.get(error.kind, "connection lost")
-
-
 def _client_error(failure: _LegFailure, suffix: str) -> ProxyError:
     error = failure.error
     if isinstance(error, UpstreamStatusError) and 400 <= error.status < 500:
@@ -639,4 +477,4 @@ def _client_error(failure: _LegFailure, suffix: str) -> ProxyError:
         param = inner.get("param") if isinstance(inner, dict) else None
         return ProxyError(error.status, _INTERNAL_ID_RE.sub(suffix, error.message), param=param)
     status = 504 if error.kind == "timeout" else 502
-    return ProxyError(status, f"the {failure.leg} instance failed: {_public_message(error)}")
+    return ProxyError(status, f"the {failure.leg} instance failed: {public_message(error)}")

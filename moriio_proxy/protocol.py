@@ -223,18 +223,6 @@ def _mode(msg: Mapping[str, Any]) -> TransferMode:
     raise RegistrationError("bad_field", f"transfer_mode must be READ or WRITE, got {mode!r}")
 
 
-def registration_message(instance: Instance) -> dict[str, Any]:
-    """The vLLM 0.32 heartbeat map for an instance (used for static config and tests)."""
-    return {
-        "type": instance.role,
-        "http_address": instance.http_address,
-        "zmq_address": instance.zmq_address,
-        "dp_size": instance.dp_size,
-        "tp_size": instance.tp_size,
-        "transfer_mode": instance.transfer_mode,
-    }
-
-
 # ------------------------------------------------------------------------- identifiers
 
 
@@ -250,10 +238,10 @@ def new_request_id(prefill: Instance, decode: Instance) -> str:
     )
 
 
-def public_id(endpoint: Endpoint, client_request_id: str | None = None) -> str:
-    """The response ``id`` a client sees: never the sandwich, which holds internal addresses."""
-    prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
-    return prefix + (client_request_id or uuid.uuid4().hex)
+def public_id(endpoint: Endpoint, suffix: str) -> str:
+    """The response ``id`` a client sees: vLLM's prefix and the client's id, never the
+    sandwich (which holds internal addresses)."""
+    return ("chatcmpl-" if endpoint == "chat" else "cmpl-") + suffix
 
 
 def validate_dp_rank(rank: int, dp_size: int) -> int:

@@ -45,8 +45,7 @@ class Registry:
     """Instances keyed by ``(role, http_address)``, as protocol.md section 1 requires.
 
     Signals (blinker, one set per registry so tests never share state):
-    ``instance_added(entry)``, ``instance_removed(entry, reason=...)``,
-    ``mode_conflict(instance, mode_in_force=...)``.
+    ``instance_added(entry)`` and ``instance_removed(entry, reason=...)``.
     """
 
     def __init__(
@@ -66,8 +65,6 @@ class Registry:
         self._entries: dict[tuple[Role, str], Entry] = {}
         self.instance_added = Signal()
         self.instance_removed = Signal()
-        self.mode_conflict = Signal()
-        self.instance_ejected = Signal()
 
     @property
     def mode(self) -> TransferMode | None:
@@ -84,7 +81,6 @@ class Registry:
         existing = self._entries.get(instance.key)
         alone = existing is not None and len(self._entries) == 1 and self.pinned_mode is None
         if mode is not None and instance.transfer_mode != mode and not alone:
-            self.mode_conflict.send(self, instance=instance, mode_in_force=mode)
             return "conflict"
         now = self._clock()
         if existing is None:
@@ -155,7 +151,6 @@ class Registry:
         if self.is_ejected(entry):
             return False
         entry.ejected_until = self._clock() + self.eject_seconds
-        self.instance_ejected.send(self, entry=entry, failures=entry.failures)
         return True
 
     def entries(self) -> list[Entry]:

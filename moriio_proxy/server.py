@@ -49,7 +49,3 @@ async def serve(
     config.keep_alive_timeout = 5
     config.h11_max_incomplete_size = 64 * 1024
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
-
-
-def port_of(sock: socket.socket) -> int:
-    return sock.getsockname()[1]

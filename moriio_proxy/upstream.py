@@ -124,8 +124,12 @@ class Upstream:
                 raise
         return await self.session.post(leg.url, json=leg.body, headers=leg.headers, timeout=timeout)
 
-    async def post_json(self, leg: Leg, timeout: float) -> dict[str, Any]:
-        """POST a non-streaming leg and return its JSON body; the whole call is bounded."""
+    async def post_json(
+        self, leg: Leg, limit: float, deadline: float | None = None
+    ) -> dict[str, Any]:
+        """POST a non-streaming leg and return its JSON body; the whole call is bounded by
+        ``limit`` and by what is left until ``deadline`` (monotonic)."""
+        timeout = _limit(limit, deadline)
         client_timeout = aiohttp.ClientTimeout(
             total=timeout, connect=self.timeouts.connect, sock_connect=self.timeouts.connect
         )
@@ -172,6 +176,11 @@ class Upstream:
             finally:
                 resp.release()
         return resp
+
+    @staticmethod
+    def abort(resp: aiohttp.ClientResponse) -> None:
+        """Drop a response nobody will read; closing its connection aborts the vLLM request."""
+        resp.close()
 
     async def chunks(
         self, resp: aiohttp.ClientResponse, deadline: float | None = None
@@ -231,10 +240,13 @@ def _error_message(payload: Any) -> str | None:
 
 
 def _limit(limit: float, deadline: float | None) -> float:
-    """The smaller of a per-step limit and what is left of the request's deadline."""
+    """The smaller of a per-step limit and what is left of the request's deadline.
+
+    Never 0: aiohttp reads a zero timeout as "no timeout at all".
+    """
     if deadline is None:
         return limit
-    return max(0.0, min(limit, deadline - time.monotonic()))
+    return max(0.001, min(limit, deadline - time.monotonic()))
 
 
 def _stale_connection(exc: aiohttp.ClientError) -> bool:

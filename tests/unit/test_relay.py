@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from moriio_proxy.disagg import Relay, _Scrubber
+from moriio_proxy.relay import Relay, Scrubber
 from moriio_proxy.upstream import UpstreamTimeout
 
 INTERNAL = (
@@ -43,7 +43,7 @@ async def test_id_split_across_chunks_is_still_scrubbed():
     stream = sse(" a") + sse(" b") + b"data: [DONE]\n\n"
     closed = []
     for size in (1, 7, 50, len(stream)):
-        relay = Relay(pieces(stream, size), _Scrubber(INTERNAL, "pub", "completions"))
+        relay = Relay(pieces(stream, size), Scrubber(INTERNAL, "pub", "completions"))
         relay.add_close_callback(lambda: closed.append(True))
         raw = await collect(relay)
         assert INTERNAL.encode() not in raw
@@ -56,7 +56,7 @@ async def test_id_split_across_chunks_is_still_scrubbed():
 
 
 async def test_stream_that_ends_without_done_gets_an_error_event():
-    relay = Relay(pieces(sse(" a"), 5), _Scrubber(INTERNAL, "pub", "completions"))
+    relay = Relay(pieces(sse(" a"), 5), Scrubber(INTERNAL, "pub", "completions"))
     events = payloads(await collect(relay))
     assert events[0]["choices"][0]["text"] == " a"
     assert events[1]["error"]["code"] == 502
@@ -66,7 +66,7 @@ async def test_stream_that_ends_without_done_gets_an_error_event():
 
 async def test_idle_timeout_mid_stream_becomes_a_504_event():
     error = UpstreamTimeout("10.0.0.2:40005 sent nothing for 1s mid-stream")
-    relay = Relay(pieces(sse(" a"), 100, error), _Scrubber(INTERNAL, "pub", "completions"))
+    relay = Relay(pieces(sse(" a"), 100, error), Scrubber(INTERNAL, "pub", "completions"))
     raw = await collect(relay)
     events = payloads(raw)
     assert events[1]["error"]["code"] == 504
@@ -76,7 +76,7 @@ async def test_idle_timeout_mid_stream_becomes_a_504_event():
 
 async def test_close_before_iteration_releases_upstream():
     released = []
-    relay = Relay(pieces(sse(" a"), 100), _Scrubber(INTERNAL, "pub", "completions"))
+    relay = Relay(pieces(sse(" a"), 100), Scrubber(INTERNAL, "pub", "completions"))
     relay.add_close_callback(lambda: released.append(True))
     await relay.prime()
     relay.close()
