@@ -1,4 +1,5 @@
-"""The Quart app: OpenAI routes, health and admin endpoints, startup and shutdown.
+"""The Quart app: health, readiness, metrics, admin and model-list routes, startup and
+shutdown, with the generation routes mounted in front of it (completions.py).
 
 ``create_app(config)`` builds everything a request needs as objects owned by the app (no
 module-level state), so tests build as many independent proxies as they like in-process.
@@ -9,80 +10,33 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
+from .completions import CompletionsEndpoint
 from .config import ProxyConfig
-from .disagg import Disaggregator, JsonAnswer, ProxyError, client_id
+from .disagg import Disaggregator
 from .discovery import Discovery
 from .metrics import CONTENT_TYPE, Metrics
 from .policies import make_policy
-from .protocol import (
-    REQUEST_ID_HEADER,
-    Endpoint,
-    RequestError,
-    error_body,
-    parse_client_request,
-)
+from .protocol import error_body
 from .registry import Entry, Registry
+from .state import ProxyState
+from .upstream import Timeouts, Upstream, UpstreamError
 
 if TYPE_CHECKING:
     from .k8s_discovery import KubernetesDiscovery
-from .upstream import Timeouts, Upstream, UpstreamError
 
 log = logging.getLogger("moriio_proxy")
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _MODELS_TIMEOUT = 3.0
 
 
-@dataclass
-class ProxyState:
-    """Everything the app owns; tests reach it through ``state(app)``."""
-
-    config: ProxyConfig
-    registry: Registry
-    metrics: Metrics
-    upstream: Upstream
-    discovery: Discovery | KubernetesDiscovery
-    disagg: Disaggregator
-    draining: bool = False
-    started: bool = False
-    inflight: int = 0
-
-    async def start(self) -> None:
-        """Bind discovery first (the step that fails on a taken port), then the session.
-
-        Idempotent, so the CLI can start early and report a taken port as one clean line
-        before Hypercorn's own startup hook runs it again.
-        """
-        if self.started:
-            return
-        await self.discovery.start()
-        await self.upstream.start()
-        self.started = True
-
-    async def stop(self) -> None:
-        if not self.started:
-            return
-        self.started = False
-        await self.discovery.stop()
-        await self.disagg.close()
-        await self.upstream.close()
-
-    def drain(self) -> None:
-        """Start a graceful shutdown: /ready turns 503 and new requests are refused."""
-        if not self.draining:
-            self.draining = True
-            log.warning("draining: refusing new requests, %d in flight", self.inflight)
-
-
 def state(app: Quart) -> ProxyState:
-    return app.extensions["moriio_proxy"]
+    proxy: ProxyState = app.extensions["moriio_proxy"]
+    return proxy
 
 
 def create_app(config: ProxyConfig) -> Quart:
@@ -124,14 +78,8 @@ def create_app(config: ProxyConfig) -> Quart:
 
     app.before_serving(proxy.start)
     app.after_serving(proxy.stop)
-
-    @app.post("/v1/completions")
-    async def completions() -> Response:
-        return await _serve(proxy, "completions")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions() -> Response:
-        return await _serve(proxy, "chat")
+    # The generation routes bypass Quart (see completions.py); the rest is Quart's.
+    app.asgi_app = CompletionsEndpoint(proxy, app.asgi_app)  # type: ignore[method-assign]
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -143,7 +91,7 @@ def create_app(config: ProxyConfig) -> Quart:
 
     @app.get("/ready")
     async def ready() -> Response:
-        reason = _not_ready(proxy)
+        reason = proxy.not_ready()
         if reason:
             return _json({"status": "not ready", "reason": reason}, 503)
         return _json({"status": "ready", "transfer_mode": registry.mode})
@@ -204,65 +152,6 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(json.dumps(body), status, headers=headers, content_type="application/json")
 
 
-async def _serve(proxy: ProxyState, endpoint: Endpoint) -> Response:
-    started = time.monotonic()
-    suffix = client_id(request.headers.get(REQUEST_ID_HEADER))
-    headers = {REQUEST_ID_HEADER: suffix}
-    metrics = proxy.metrics
-    if proxy.draining:
-        metrics.rejected.labels("draining").inc()
-        return _json(error_body("the proxy is shutting down", 503), 503, headers)
-    limit = proxy.config.max_inflight
-    if limit and proxy.inflight >= limit:
-        metrics.rejected.labels("over_capacity").inc()
-        message = f"the proxy is at its limit of {limit} requests in flight; retry shortly"
-        return _json(error_body(message, 429), 429, {**headers, "Retry-After": "1"})
-    raw = await request.get_data(cache=False)
-    try:
-        parsed = parse_client_request(endpoint, json.loads(raw))
-    except ValueError as exc:  # JSONDecodeError and RequestError are both ValueErrors
-        metrics.requests.labels(endpoint, "bad_request").inc()
-        if isinstance(exc, RequestError):
-            return _json(error_body(exc.message, 400, param=exc.param), 400, headers)
-        return _json(error_body(f"request body is not valid JSON: {exc}", 400), 400, headers)
-
-    proxy.inflight += 1
-    metrics.inflight.inc()
-    finished = False
-
-    def finish(outcome: str) -> None:
-        nonlocal finished
-        if not finished:
-            finished = True
-            proxy.inflight -= 1
-            metrics.inflight.dec()
-            metrics.requests.labels(endpoint, outcome).inc()
-            metrics.request_seconds.labels(endpoint).observe(time.monotonic() - started)
-
-    try:
-        answer = await proxy.disagg.handle(parsed, suffix)
-    except ProxyError as exc:
-        finish("no_instances" if exc.status == 503 else f"error_{exc.status}")
-        return _json(exc.body(), exc.status, {**headers, **exc.headers})
-    except asyncio.CancelledError:
-        finish("cancelled")
-        raise
-    except BaseException:
-        finish("error_500")
-        raise
-    if isinstance(answer, JsonAnswer):
-        metrics.first_byte_seconds.observe(time.monotonic() - started)
-        finish("ok")
-        return _json(answer.body, 200, headers)
-    relay = answer.chunks
-    relay.on_first_byte = lambda: metrics.first_byte_seconds.observe(time.monotonic() - started)
-    relay.add_close_callback(lambda: finish("ok" if relay.saw_done else "stream_error"))
-    response = Response(relay, 200, headers={**headers, **_SSE_HEADERS})
-    response.mimetype = "text/event-stream"
-    response.timeout = None
-    return response
-
-
 async def _models(proxy: ProxyState) -> Response:
     """The union of the models the routable instances serve (as vLLM lists them)."""
     entries = proxy.registry.healthy("P") + proxy.registry.healthy("D")
@@ -287,18 +176,6 @@ async def _models(proxy: ProxyState) -> Response:
     if not seen:
         return _json(error_body("no instance answered its model list", 502), 502)
     return _json({"object": "list", "data": list(seen.values())})
-
-
-def _not_ready(proxy: ProxyState) -> str | None:
-    if proxy.draining:
-        return "draining"
-    registry = proxy.registry
-    missing = [
-        name for role, name in (("P", "prefill"), ("D", "decode")) if not registry.healthy(role)
-    ]
-    if missing:
-        return f"no {' and no '.join(missing)} instance registered"
-    return None
 
 
 def _describe(proxy: ProxyState, entry: Entry) -> dict[str, Any]:

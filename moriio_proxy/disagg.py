@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import re
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
+
+from .compat import timeout_after
 from .metrics import Metrics
 from .policies import Policy, RankPicker
 from .protocol import (
@@ -69,9 +72,9 @@ class ProxyError(Exception):
 
 @dataclass
 class JsonAnswer:
-    """A whole (non-streaming) answer, already scrubbed of internal ids."""
+    """A whole (non-streaming) answer: JSON bytes, already scrubbed of internal ids."""
 
-    body: dict[str, Any]
+    body: bytes
 
 
 @dataclass
@@ -98,11 +101,16 @@ class _LegFailure(Exception):
         self.error = error
 
 
+def new_nonce() -> str:
+    """32 random hex digits: the per-request part of the transfer and request ids."""
+    return os.urandom(16).hex()
+
+
 def client_id(header: str | None) -> str:
     """The id the client will see: its own X-Request-Id when that is safe to echo."""
     if header and _CLIENT_ID_RE.fullmatch(header):
         return header
-    return uuid.uuid4().hex
+    return new_nonce()
 
 
 class Disaggregator:
@@ -144,9 +152,8 @@ class Disaggregator:
         """
         deadline = time.monotonic() + self.request_timeout
         try:
-            return await asyncio.wait_for(
-                self._serve(request, public_suffix, deadline), self.request_timeout
-            )
+            async with timeout_after(self.request_timeout):
+                return await self._serve(request, public_suffix, deadline)
         except asyncio.TimeoutError:
             self.metrics.upstream_errors.labels("request", "deadline").inc()
             raise ProxyError(
@@ -230,8 +237,9 @@ class Disaggregator:
     ) -> JsonAnswer | StreamAnswer:
         mode = self.registry.mode or pair.prefill.instance.transfer_mode
         p, d = pair.prefill.instance, pair.decode.instance
-        transfer_id = new_transfer_id()
-        request_id = new_request_id(p, d)
+        nonce = new_nonce()
+        transfer_id = new_transfer_id(nonce)
+        request_id = new_request_id(p, d, nonce)
         scrub = Scrubber(request_id, suffix, request.endpoint)
         prefill_leg = build_prefill_leg(
             request, p, d, transfer_id=transfer_id, request_id=request_id, dp_rank=pair.rank
@@ -359,7 +367,7 @@ class Disaggregator:
     ) -> JsonAnswer | StreamAnswer:
         body = scrub.json(payload)
         if not request.stream:
-            return JsonAnswer(body)
+            return JsonAnswer(orjson.dumps(body))
         events = [
             sse_event(c) for c in prefill_as_answer(body, request.endpoint, request.include_usage)
         ]
@@ -379,13 +387,14 @@ class Disaggregator:
         stack.enter_context(self.registry.track(entry))
         try:
             if not request.stream:
-                send = self.upstream.post_json(leg, self.upstream.timeouts.first_byte, deadline)
+                send = self.upstream.post(leg, self.upstream.timeouts.first_byte, deadline)
                 try:
-                    payload = await self._send(send, deliver, _ignore)
+                    raw = await self._send(send, deliver, _ignore)
+                    body = scrub.answer(raw, leg.url)
                 except UpstreamError as exc:
                     raise _LegFailure("decode", entry, exc) from None
                 self.registry.report_success(entry)
-                return JsonAnswer(scrub.json(payload))
+                return JsonAnswer(body)
             try:
                 resp = await self._send(
                     self.upstream.open_stream(leg, deadline), deliver, Upstream.abort

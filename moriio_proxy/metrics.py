@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -103,6 +105,17 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+        # Label lookups take a lock and validate; the request path reuses the children.
+        self._request_counters: dict[tuple[str, str], Any] = {}
+
+    def count_request(self, endpoint: str, outcome: str) -> None:
+        """One more finished client request (the hot path's cached counter child)."""
+        key = (endpoint, outcome)
+        child = self._request_counters.get(key)
+        if child is None:
+            child = self._request_counters[key] = self.requests.labels(endpoint, outcome)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,9 +9,7 @@ for the final word.
 
 from __future__ import annotations
 
-import copy
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -226,16 +224,18 @@ def _mode(msg: Mapping[str, Any]) -> TransferMode:
 # ------------------------------------------------------------------------- identifiers
 
 
-def new_transfer_id() -> str:
-    return "tx-" + uuid.uuid4().hex
+def new_transfer_id(nonce: str) -> str:
+    """The id both legs share so P and D find each other's transfer; ``nonce`` is 32 hex
+    digits, fresh per request (without it vLLM makes up a different one per leg)."""
+    return "tx-" + nonce
 
 
-def new_request_id(prefill: Instance, decode: Instance) -> str:
-    """The X-Request-Id both legs carry; vLLM 0.32 finds its peer by parsing it first."""
-    return (
-        f"___prefill_addr_{prefill.zmq_address}"
-        f"___decode_addr_{decode.zmq_address}_{uuid.uuid4().hex}"
-    )
+def new_request_id(prefill: Instance, decode: Instance, nonce: str) -> str:
+    """The X-Request-Id both legs carry; vLLM finds its peer by parsing it first.
+
+    ``nonce`` must be 32 lowercase hex digits: vLLM's pattern ends with exactly that.
+    """
+    return f"___prefill_addr_{prefill.zmq_address}___decode_addr_{decode.zmq_address}_{nonce}"
 
 
 def public_id(endpoint: Endpoint, suffix: str) -> str:
@@ -377,7 +377,7 @@ def build_prefill_leg(
     ``remote_engine_id``/``remote_block_ids`` must exist as keys (null) or a WRITE-mode
     producer raises KeyError in the scheduler and the engine dies.
     """
-    body = copy.deepcopy(request.body)
+    body = dict(request.body)  # top-level keys change; nested values are shared, never mutated
     body.pop("stream_options", None)  # vLLM 400s on stream_options without stream
     body.pop("stop", None)  # P's token is discarded; a stop there would null the params
     body["stream"] = False
@@ -415,7 +415,7 @@ def build_decode_leg(
     READ forwards P's returned params as they are (nested block ids, string ports) and
     needs them; WRITE builds them, since both legs start together.
     """
-    body = copy.deepcopy(request.body)
+    body = dict(request.body)  # only kv_transfer_params is replaced
     if mode == "READ":
         if prefill_params is None:
             raise ValueError("READ mode needs the prefill's kv_transfer_params")
@@ -429,7 +429,7 @@ def build_decode_leg(
 def read_decode_params(
     prefill_params: Mapping[str, Any], prefill: Instance, *, transfer_id: str
 ) -> dict[str, Any]:
-    params = copy.deepcopy(dict(prefill_params))
+    params = dict(prefill_params)  # forwarded as returned: nested values untouched
     params["do_remote_decode"] = False
     params["do_remote_prefill"] = True
     params.setdefault("remote_host", prefill.kv_host)
@@ -531,6 +531,20 @@ def error_body(
             "code": status,
         }
     }
+
+
+def error_message(payload: Any) -> str | None:
+    """The human message of an error answer in any shape vLLM or a proxy sends
+    (``{"error": {"message"}}``, ``{"error": "..."}``, ``{"message": "..."}``)."""
+    if not isinstance(payload, dict):
+        return None
+    error = payload.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
+    message = payload.get("message")
+    return message if isinstance(message, str) else None
 
 
 _ERROR_TYPES = {

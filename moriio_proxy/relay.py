@@ -10,13 +10,14 @@ across two client writes and escape half-scrubbed.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
+
 from .protocol import Endpoint, error_body, public_id, rewrite_id
-from .upstream import UpstreamError, UpstreamProtocolError, UpstreamStatusError
+from .upstream import UpstreamError, UpstreamProtocolError, UpstreamStatusError, parse_object
 
 log = logging.getLogger("moriio_proxy.relay")
 
@@ -39,11 +40,18 @@ class Scrubber:
         return raw.replace(self._internal_bytes, self._suffix_bytes)
 
     def json(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A parsed answer made client-safe (the prefill's, when it is the whole answer)."""
         rewritten = rewrite_id(payload, self.public_id)
-        dumped = json.dumps(rewritten)
-        if self.internal in dumped:  # e.g. echoed in an error message or a nested id
-            rewritten = json.loads(dumped.replace(self.internal, self.suffix))
+        dumped = orjson.dumps(rewritten)
+        if self._internal_bytes in dumped:  # e.g. echoed in an error message or a nested id
+            return parse_object(self.data(dumped), "the prefill answer")
         return rewritten
+
+    def answer(self, raw: bytes, url: str) -> bytes:
+        """A decode instance's whole JSON answer made client-safe, parsed once: the
+        internal id replaced wherever it appears, ``id`` set, internal KV params dropped."""
+        payload = rewrite_id(parse_object(self.data(raw), url), self.public_id)
+        return orjson.dumps(payload)
 
 
 class Relay:
@@ -166,7 +174,7 @@ def event_end(buffer: bytes) -> int:
 
 
 def sse_event(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 def public_message(error: UpstreamError) -> str:

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
-from .protocol import Leg
+from .compat import timeout_after
+from .protocol import Leg, error_message
 
 # A vLLM SSE line with logprobs can be large; aiohttp caps a line at twice this.
 _READ_BUFSIZE = 1 << 20
@@ -115,20 +116,19 @@ class Upstream:
     async def _post(self, leg: Leg, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
         """POST and return the response head. A pooled connection the server had already
         closed fails before the request reached it, so that one case is sent again once."""
+        data = orjson.dumps(leg.body)
+        headers = {**leg.headers, "Content-Type": "application/json"}
         try:
-            return await self.session.post(
-                leg.url, json=leg.body, headers=leg.headers, timeout=timeout
-            )
+            return await self.session.post(leg.url, data=data, headers=headers, timeout=timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if not _stale_connection(exc):
                 raise
-        return await self.session.post(leg.url, json=leg.body, headers=leg.headers, timeout=timeout)
+        return await self.session.post(leg.url, data=data, headers=headers, timeout=timeout)
 
-    async def post_json(
-        self, leg: Leg, limit: float, deadline: float | None = None
-    ) -> dict[str, Any]:
-        """POST a non-streaming leg and return its JSON body; the whole call is bounded by
-        ``limit`` and by what is left until ``deadline`` (monotonic)."""
+    async def post(self, leg: Leg, limit: float, deadline: float | None = None) -> bytes:
+        """POST a non-streaming leg and return its body, which is JSON (an error status
+        raises); the whole call is bounded by ``limit`` and by what is left until
+        ``deadline`` (monotonic)."""
         timeout = _limit(limit, deadline)
         client_timeout = aiohttp.ClientTimeout(
             total=timeout, connect=self.timeouts.connect, sock_connect=self.timeouts.connect
@@ -136,7 +136,7 @@ class Upstream:
         try:
             resp = await self._post(leg, client_timeout)
             try:
-                payload = await _json_or_raise(resp, leg.url)
+                return await _read_or_raise(resp, leg.url)
             finally:
                 resp.release()
         except aiohttp.ClientConnectionError as exc:
@@ -145,9 +145,13 @@ class Upstream:
             raise UpstreamTimeout(
                 f"{leg.url} did not answer within {timeout:g}s", url=leg.url
             ) from None
-        if not isinstance(payload, dict):
-            raise UpstreamProtocolError(f"{leg.url} answered a non-object", url=leg.url)
-        return payload
+
+    async def post_json(
+        self, leg: Leg, limit: float, deadline: float | None = None
+    ) -> dict[str, Any]:
+        """``post`` and parse: the leg's JSON object."""
+        raw = await self.post(leg, limit, deadline)
+        return parse_object(raw, leg.url)
 
     async def open_stream(self, leg: Leg, deadline: float | None = None) -> aiohttp.ClientResponse:
         """Send a streaming leg and return the response once its status is known to be 200.
@@ -163,7 +167,8 @@ class Upstream:
         )
         limit = _limit(self.timeouts.first_byte, deadline)
         try:
-            resp = await asyncio.wait_for(self._post(leg, client_timeout), limit)
+            async with timeout_after(limit):
+                resp = await self._post(leg, client_timeout)
         except aiohttp.ClientConnectionError as exc:
             raise _connection_error(exc, leg.url) from None
         except asyncio.TimeoutError:
@@ -172,9 +177,10 @@ class Upstream:
             ) from None
         if resp.status != 200:
             try:
-                await _json_or_raise(resp, leg.url)
+                await _read_or_raise(resp, leg.url)
             finally:
                 resp.release()
+            raise UpstreamProtocolError(f"{leg.url} answered HTTP {resp.status}", url=leg.url)
         return resp
 
     @staticmethod
@@ -193,7 +199,8 @@ class Upstream:
         while True:
             limit = _limit(self.timeouts.first_byte if first else self.timeouts.idle, deadline)
             try:
-                chunk = await asyncio.wait_for(resp.content.readany(), limit)
+                async with timeout_after(limit):
+                    chunk = await resp.content.readany()
             except asyncio.TimeoutError:
                 late = deadline is not None and time.monotonic() >= deadline
                 why = "the request deadline passed" if late else f"nothing for {limit:g}s"
@@ -209,34 +216,44 @@ class Upstream:
 
 
 async def _json_or_raise(resp: aiohttp.ClientResponse, url: str) -> Any:
+    raw = await _read_or_raise(resp, url)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError(
+            f"{url} answered HTTP {resp.status} without JSON", url=url
+        ) from None
+
+
+async def _read_or_raise(resp: aiohttp.ClientResponse, url: str) -> bytes:
+    """The whole body; an HTTP error status raises with the instance's own message."""
     try:
         raw = await resp.read()
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         raise UpstreamProtocolError(
             f"{url} broke the response: {type(exc).__name__}", url=url
         ) from None
-    try:
-        payload = json.loads(raw) if raw else None
-    except ValueError:
-        payload = None
     if resp.status >= 400:
-        message = _error_message(payload) or f"{url} answered HTTP {resp.status}"
+        try:
+            payload = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            payload = None
+        message = error_message(payload) or f"{url} answered HTTP {resp.status}"
         raise UpstreamStatusError(message, url=url, status=resp.status, payload=payload)
-    if payload is None:
+    if not raw:
         raise UpstreamProtocolError(f"{url} answered HTTP {resp.status} without JSON", url=url)
+    return raw
+
+
+def parse_object(raw: bytes, url: str) -> dict[str, Any]:
+    """A JSON object from an instance; anything else is a protocol error."""
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError(f"{url} answered without JSON", url=url) from None
+    if not isinstance(payload, dict):
+        raise UpstreamProtocolError(f"{url} answered a non-object", url=url)
     return payload
-
-
-def _error_message(payload: Any) -> str | None:
-    if isinstance(payload, dict):
-        error = payload.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
-        if isinstance(error, str):
-            return error
-        if isinstance(payload.get("message"), str):
-            return payload["message"]
-    return None
 
 
 def _limit(limit: float, deadline: float | None) -> float:

@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+from moriio_proxy.disagg import new_nonce
 from moriio_proxy.protocol import (
     DP_RANK_HEADER,
     REQUEST_ID_HEADER,
@@ -43,6 +44,7 @@ TX_RE = re.compile(r"tx-[0-9a-f]{32}")
 TRANSFER_ID = "tx-" + "ab" * 16
 
 # P and D differ in every field, so a leg that names the wrong peer cannot pass.
+NONCE = "0123456789abcdef" * 2
 P = Instance(
     role="P",
     http_address="10.0.0.1:20005",
@@ -395,7 +397,7 @@ def test_decode_leg_max_tokens_one_and_chat_without_max_tokens(mode):
 
 
 def test_request_id_sandwich_matches_vllm_regexes():
-    rid = new_request_id(P, D)
+    rid = new_request_id(P, D, NONCE)
     assert re.fullmatch(
         r"___prefill_addr_host:10\.0\.0\.1,handshake:6301,notify:61005"
         r"___decode_addr_host:10\.0\.0\.2,handshake:7301,notify:7501_[0-9a-f]{32}",
@@ -412,7 +414,7 @@ def test_request_id_sandwich_matches_vllm_regexes():
 
 def test_request_id_sandwich_survives_vllm_wrapping():
     # vLLM wraps X-Request-Id as "cmpl-<id>-<seq>-<hex>" before the connector sees it.
-    rid = new_request_id(P, D)
+    rid = new_request_id(P, D, NONCE)
     wrapped = f"cmpl-{rid}-0-1a2b3c4d"
     assert _DECODE_ZMQ_RE.search(wrapped).group(1) == D.zmq_address
     assert _PREFILL_ZMQ_RE.search(wrapped).group(1) == P.zmq_address
@@ -439,20 +441,20 @@ def test_request_id_sandwich_with_ipv6_hosts():
             "transfer_mode": "READ",
         }
     )
-    rid = new_request_id(p6, d6)
+    rid = new_request_id(p6, d6, NONCE)
     assert parse_zmq_address(_DECODE_ZMQ_RE.search(rid).group(1)) == ("::1", 7301, 7501)
     assert parse_zmq_address(_PREFILL_ZMQ_RE.search(rid).group(1)) == ("fd00::1", 6301, 61005)
 
 
-def test_request_ids_are_fresh():
-    ids = {new_request_id(P, D) for _ in range(200)}
-    assert len(ids) == 200
+def test_ids_carry_the_requests_nonce():
+    assert new_request_id(P, D, NONCE).endswith("_" + NONCE)
+    assert TX_RE.fullmatch(new_transfer_id(NONCE))
 
 
-def test_transfer_ids_are_tx_plus_32_hex_and_distinct():
-    ids = [new_transfer_id() for _ in range(1000)]
-    assert all(TX_RE.fullmatch(t) for t in ids)
-    assert len(set(ids)) == len(ids)
+def test_nonces_are_32_hex_and_fresh():
+    nonces = [new_nonce() for _ in range(1000)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", n) for n in nonces)
+    assert len(set(nonces)) == len(nonces)
 
 
 def test_public_id_never_carries_the_sandwich():
@@ -462,7 +464,11 @@ def test_public_id_never_carries_the_sandwich():
 
 
 def test_rewrite_id_replaces_id_and_drops_internal_params():
-    payload = {"id": "cmpl-" + new_request_id(P, D), "kv_transfer_params": P_RETURNED, "x": 1}
+    payload = {
+        "id": "cmpl-" + new_request_id(P, D, NONCE),
+        "kv_transfer_params": P_RETURNED,
+        "x": 1,
+    }
     assert rewrite_id(payload, "cmpl-public") == {"id": "cmpl-public", "x": 1}
 
 

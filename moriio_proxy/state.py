@@ -1,0 +1,74 @@
+"""ProxyState: everything one proxy owns, built once by ``create_app`` and shared by the
+Quart routes and the ASGI completions endpoint (so neither imports the other)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .config import ProxyConfig
+from .disagg import Disaggregator
+from .metrics import Metrics
+from .registry import Registry
+from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .discovery import Discovery
+    from .k8s_discovery import KubernetesDiscovery
+
+log = logging.getLogger("moriio_proxy")
+
+
+@dataclass
+class ProxyState:
+    """Everything the app owns; tests reach it through ``app.state(quart_app)``."""
+
+    config: ProxyConfig
+    registry: Registry
+    metrics: Metrics
+    upstream: Upstream
+    discovery: Discovery | KubernetesDiscovery
+    disagg: Disaggregator
+    draining: bool = False
+    started: bool = False
+    inflight: int = 0
+
+    async def start(self) -> None:
+        """Bind discovery first (the step that fails on a taken port), then the session.
+
+        Idempotent, so the CLI can start early and report a taken port as one clean line
+        before Hypercorn's own startup hook runs it again.
+        """
+        if self.started:
+            return
+        await self.discovery.start()
+        await self.upstream.start()
+        self.started = True
+
+    async def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        await self.discovery.stop()
+        await self.disagg.close()
+        await self.upstream.close()
+
+    def drain(self) -> None:
+        """Start a graceful shutdown: /ready turns 503 and new requests are refused."""
+        if not self.draining:
+            self.draining = True
+            log.warning("draining: refusing new requests, %d in flight", self.inflight)
+
+    def not_ready(self) -> str | None:
+        """Why the proxy cannot serve a request now, or None when it can."""
+        if self.draining:
+            return "draining"
+        missing = [
+            name
+            for role, name in (("P", "prefill"), ("D", "decode"))
+            if not self.registry.healthy(role)
+        ]
+        if missing:
+            return f"no {' and no '.join(missing)} instance registered"
+        return None
