@@ -24,7 +24,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -38,7 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import __version__
-from .discovery import RateLimitedLog, register_static
+from .discovery.base import DiscoverySource
 from .metrics import Metrics
 from .protocol import (
     TRANSFER_MODES,
@@ -70,6 +70,8 @@ SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/names
 _HEALTHY_WATCH_SECONDS = 10.0
 _LIST_TIMEOUT = 30.0
 _CONNECT_TIMEOUT = 10.0
+# How to fix a mode conflict between pods (ends the REFUSED line).
+_REMEDY = f"P and D pods must carry the same {TRANSFER_MODE} annotation (and vLLM read_mode)"
 
 
 class KubernetesConfigError(OSError):
@@ -192,11 +194,10 @@ def _own_namespace() -> str:
 # ---------------------------------------------------------------------------- discovery
 
 
-class KubernetesDiscovery:
+class KubernetesDiscovery(DiscoverySource):
     """Feeds the registry from the API server's view of the P and D pods.
 
-    Same shape as ``discovery.Discovery`` (``async start()``/``stop()``), so the app can
-    hold either. ``ready`` is set once both roles have been listed successfully.
+    ``ready`` is set once both roles have been listed successfully.
     """
 
     def __init__(
@@ -227,14 +228,12 @@ class KubernetesDiscovery:
         of the desired instances, which retries a pod refused for a mode conflict once
         the conflict is gone (no heartbeat would retry it).
         """
-        self.registry = registry
-        self.metrics = metrics
+        super().__init__(registry, metrics, static=static, logger=log)
         self.namespace = namespace or None
         self.selectors: dict[Role, str] = {"P": prefill_selector, "D": decode_selector}
         self.api_url = api_url
         self.kubeconfig = kubeconfig
         self.context = context
-        self.static = tuple(static)
         self.watch_timeout = watch_timeout
         self.resync_interval = resync_interval
         self.backoff_initial = backoff_initial
@@ -248,8 +247,6 @@ class KubernetesDiscovery:
         self._static_keys = frozenset(i.key for i in self.static)
         self._api: k8s_client.ApiClient | None = None
         self._core: k8s_client.CoreV1Api | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._log = RateLimitedLog(log)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -259,14 +256,14 @@ class KubernetesDiscovery:
         Does not wait for the API server: an unreachable one is retried in the
         background, and ``ready`` tells when the first lists have arrived.
         """
-        register_static(self.registry, self.static)
+        self.register_static()
         self._api = await self._connect()
         self._core = k8s_client.CoreV1Api(self._api)
         if self.namespace is None:
             self.namespace = _own_namespace()
         for role in ("P", "D"):
-            self._spawn(self._run(role))
-        self._spawn(self._resync())
+            self._tasks.spawn(self._run(role), name=f"k8s-watch-{role}")
+        self._tasks.spawn(self._resync(), name="k8s-resync")
         log.info(
             "kubernetes discovery: watching pods in namespace %s (prefill %r, decode %r) via %s",
             self.namespace,
@@ -277,19 +274,11 @@ class KubernetesDiscovery:
 
     async def stop(self) -> None:
         """Cancel the watches and close the API client; registered instances stay."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._api is not None:
             api, self._api, self._core = self._api, None, None
             with contextlib.suppress(Exception):
                 await api.close()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)  # a strong reference: the loop keeps only weak ones
-        task.add_done_callback(self._tasks.discard)
 
     async def _connect(self) -> k8s_client.ApiClient:
         configuration = k8s_client.Configuration()
@@ -306,7 +295,9 @@ class KubernetesDiscovery:
                     persist_config=False,
                 )
                 # Refreshes exec-plugin and GCP tokens; returns at once for static ones.
-                self._spawn(self._refresh_token(loader, configuration))
+                self._tasks.spawn(
+                    self._refresh_token(loader, configuration), name="k8s-token-refresh"
+                )
         except Exception as exc:
             raise KubernetesConfigError(
                 f"cannot load Kubernetes API credentials ({exc}); run in a pod with a "
@@ -488,22 +479,7 @@ class KubernetesDiscovery:
         self.registry.remove(key, reason=reason)
 
     def _register(self, instance: Instance) -> None:
-        result = self.registry.upsert(instance, static=True)
-        if result != "conflict":
-            self.metrics.registrations.labels(result).inc()
-            return
-        self.metrics.registrations_rejected.labels("mode_conflict").inc()
-        self._log(
-            logging.ERROR,
-            f"conflict:{instance.key}",
-            "REFUSED %s instance %s: transfer_mode %s disagrees with %s in force; P and D "
-            "pods must carry the same %s annotation (and vLLM read_mode)",
-            instance.role,
-            instance.http_address,
-            instance.transfer_mode,
-            self.registry.mode,
-            TRANSFER_MODE,
-        )
+        self._upsert(instance, static=True, remedy=_REMEDY)
 
     def _reject(self, role: Role, name: str, pod: Mapping[str, Any], exc: PodRejected) -> None:
         """Count and log a bad pod once per pod version, so a re-list does not recount."""
