@@ -25,7 +25,7 @@ def make_discovery(config: ProxyConfig, registry: Registry, metrics: Metrics) ->
     ``k8s`` extra; the CLI turns it into a one-line ``--discovery`` error.
     """
     if config.discovery == "kubernetes":
-        from ..k8s_discovery import KubernetesDiscovery
+        from .kubernetes.source import KubernetesDiscovery
 
         return KubernetesDiscovery(
             registry,

@@ -26,7 +26,7 @@ from ..protocol import Instance, RegistrationError, parse_registration
 from ..registry import Registry
 from .base import DiscoverySource
 
-log = logging.getLogger("moriio_proxy.discovery")
+log = logging.getLogger(__name__)
 
 # A vLLM heartbeat is ~250 bytes; a peer sending more than this is cut off by libzmq.
 MAX_MESSAGE_BYTES = 64 * 1024
