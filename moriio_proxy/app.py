@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
@@ -18,16 +18,13 @@ from werkzeug.exceptions import HTTPException
 from .completions import CompletionsEndpoint
 from .config import ProxyConfig
 from .disagg import Disaggregator
-from .discovery import Discovery
+from .discovery import make_discovery
 from .metrics import CONTENT_TYPE, Metrics
 from .policies import make_policy
 from .protocol import error_body
 from .registry import Entry, Registry
 from .state import ProxyState
 from .upstream import Timeouts, Upstream, UpstreamError
-
-if TYPE_CHECKING:
-    from .k8s_discovery import KubernetesDiscovery
 
 log = logging.getLogger("moriio_proxy")
 
@@ -61,7 +58,7 @@ def create_app(config: ProxyConfig) -> Quart:
             idle=config.stream_idle_timeout,
         )
     )
-    discovery = _discovery(config, registry, metrics)
+    discovery = make_discovery(config, registry, metrics)
     disagg = Disaggregator(
         registry,
         upstream,
@@ -120,32 +117,6 @@ def create_app(config: ProxyConfig) -> Quart:
         return _json(error_body("internal proxy error; see the proxy's log", 500), 500)
 
     return app
-
-
-def _discovery(
-    config: ProxyConfig, registry: Registry, metrics: Metrics
-) -> Discovery | KubernetesDiscovery:
-    """ZMQ heartbeats by default; pod watching when asked (an optional dependency)."""
-    if config.discovery == "kubernetes":
-        from .k8s_discovery import KubernetesDiscovery
-
-        return KubernetesDiscovery(
-            registry,
-            metrics,
-            namespace=config.k8s_namespace or None,
-            prefill_selector=config.k8s_prefill_selector,
-            decode_selector=config.k8s_decode_selector,
-            api_url=config.k8s_api_url or None,
-            static=config.static_instances,
-        )
-    return Discovery(
-        registry,
-        metrics,
-        host=config.discovery_host,
-        port=config.discovery_port,
-        allow=config.discovery_allow,
-        static=config.static_instances,
-    )
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

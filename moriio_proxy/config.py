@@ -21,6 +21,10 @@ from .protocol import Instance, RegistrationError, parse_registration
 
 ENV_PREFIX = "MORIIO_PROXY_"
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# The vLLM pods Kubernetes discovery watches, as deploy/kubernetes labels them. Defined
+# here, where the options are, and used as defaults by discovery.kubernetes.source.
+DEFAULT_PREFILL_SELECTOR = "moriio.io/role=prefill"
+DEFAULT_DECODE_SELECTOR = "moriio.io/role=decode"
 
 
 class ConfigError(ValueError):
@@ -36,8 +40,8 @@ class ProxyConfig:
     discovery_allow: tuple[Network, ...] = ()
     discovery: str = "zmq"
     k8s_namespace: str = ""
-    k8s_prefill_selector: str = "moriio.io/role=prefill"
-    k8s_decode_selector: str = "moriio.io/role=decode"
+    k8s_prefill_selector: str = DEFAULT_PREFILL_SELECTOR
+    k8s_decode_selector: str = DEFAULT_DECODE_SELECTOR
     k8s_api_url: str = ""
     instance_ttl: float = 10.0
     transfer_mode: str = "auto"

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .config import ProxyConfig
 from .disagg import Disaggregator
+from .discovery import DiscoverySource
 from .metrics import Metrics
 from .registry import Registry
 from .upstream import Upstream
-
-if TYPE_CHECKING:
-    from .discovery import Discovery
-    from .k8s_discovery import KubernetesDiscovery
 
 log = logging.getLogger("moriio_proxy")
 
@@ -28,7 +24,7 @@ class ProxyState:
     registry: Registry
     metrics: Metrics
     upstream: Upstream
-    discovery: Discovery | KubernetesDiscovery
+    discovery: DiscoverySource
     disagg: Disaggregator
     draining: bool = False
     started: bool = False

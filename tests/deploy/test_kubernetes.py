@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from moriio_proxy.discovery.kubernetes.pods import pod_instance
 from moriio_proxy.protocol import parse_registration
 from tests.deploy.util import (
     KUBERNETES,
@@ -37,10 +38,6 @@ try:
     import kubernetes_validate
 except ImportError:  # the test extra is not installed
     kubernetes_validate = None
-try:
-    from moriio_proxy import k8s_discovery
-except ImportError:  # the proxy's k8s extra (kubernetes-asyncio) is not installed
-    k8s_discovery = None
 
 OVERLAYS = ["1p1d", "xpyd", "xpyd-multus"]
 TARGETS = ["base", *(f"overlays/{o}" for o in OVERLAYS)]
@@ -324,8 +321,6 @@ def test_the_proxy_sees_each_pod_as_its_vllm_would_announce_itself(
     target: str, tmp_path: Path
 ) -> None:
     """The proxy's pod watch and vLLM's heartbeat must describe one instance identically."""
-    if k8s_discovery is None:
-        pytest.skip("needs the proxy's k8s extra (kubernetes-asyncio)")
     docs = render(target)
     for role, sts in statefulsets(docs).items():
         template = sts["spec"]["template"]
@@ -346,7 +341,7 @@ def test_the_proxy_sees_each_pod_as_its_vllm_would_announce_itself(
             "metadata": {"name": f"{sts['metadata']['name']}-0", **template["metadata"]},
             "status": {"podIP": POD_IP, "conditions": [{"type": "Ready", "status": "True"}]},
         }
-        assert k8s_discovery.pod_instance(ROLES[role], pod) == parse_registration(heartbeat)
+        assert pod_instance(ROLES[role], pod) == parse_registration(heartbeat)
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -319,8 +319,9 @@ def test_both_images_install_the_k8s_extra_and_check_it_imports(
     deps = [i for i, r in enumerate(runs) if re.search(rf"-r {re.escape(lock)}(\s|$)", r)]
     (install,) = [i for i, r in enumerate(runs) if "--no-deps" in r]
     assert deps and max(deps) < install, "the lock goes in before the proxy (--no-deps)"
-    check = re.search(r"(python3?) -c '(import moriio_proxy\.k8s_discovery)'", runs[install])
-    assert check, "the proxy's install step does not import moriio_proxy.k8s_discovery"
+    module = r"moriio_proxy\.discovery\.kubernetes\.source"
+    check = re.search(rf"(python3?) -c '(import {module})'", runs[install])
+    assert check, "the proxy's install step does not import the Kubernetes discovery source"
     # The same check, here: it passes where kubernetes-asyncio is installed.
     subprocess.run([sys.executable, "-c", check.group(2)], cwd="/", check=True, timeout=60)
 

@@ -70,6 +70,28 @@ def test_env_values_are_checked_and_named():
     assert "MORIIO_PROXY_PORT" in result.stderr
 
 
+def test_kubernetes_discovery_without_the_extra_exits_2_with_one_line():
+    # As if kubernetes-asyncio were not installed (the k8s extra is optional).
+    code = (
+        "import sys; sys.modules['kubernetes_asyncio'] = None\n"
+        "from moriio_proxy.cli import main\n"
+        "sys.exit(main(['serve', '--discovery', 'kubernetes', '--port', '0']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "moriio-proxy: error: --discovery: Kubernetes discovery needs the kubernetes-asyncio "
+        "package: pip install 'moriio-proxy[k8s]'"
+    ]
+
+
 def test_taken_port_exits_1_with_a_clear_line():
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

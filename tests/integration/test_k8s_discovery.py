@@ -21,12 +21,8 @@ pytest.importorskip(
     reason="Kubernetes discovery needs kubernetes-asyncio (pip install 'moriio-proxy[k8s]')",
 )
 
-from moriio_proxy.k8s_discovery import (
-    KubernetesConfigError,
-    KubernetesDiscovery,
-    PodRejected,
-    pod_instance,
-)
+from moriio_proxy.discovery.kubernetes.api import KubernetesConfigError
+from moriio_proxy.discovery.kubernetes.source import KubernetesDiscovery
 from moriio_proxy.metrics import Metrics
 from moriio_proxy.protocol import Instance
 from moriio_proxy.registry import Registry
@@ -50,8 +46,10 @@ class Env:
 
     async def seen(self, role: str, version: int) -> None:
         """Wait until discovery processed ``version`` on the watch of ``role``."""
-        versions = self.discovery.resource_versions
-        await self.wait_for(lambda: int(versions[role] or 0) >= version)  # type: ignore[index]
+        discovery = self.discovery
+        await self.wait_for(
+            lambda: int(discovery.resource_versions[role] or 0) >= version  # type: ignore[index]
+        )
 
     def get(self, role: str, address: str) -> Instance | None:
         for entry in self.registry.entries():
@@ -109,55 +107,6 @@ async def start() -> AsyncIterator[Start]:
     for env in envs:
         await env.discovery.stop()
         await env.api.close()
-
-
-# ----------------------------------------------------------------------- the pod map
-
-
-def test_pod_instance_builds_the_heartbeat_shape() -> None:
-    pod = make_pod("p", ip="fd00::7", http=20005, handshake=6301, notify=6105, dp=8, mode="write")
-    instance = pod_instance("P", pod)
-    assert instance == Instance(
-        role="P",
-        http_address="fd00::7:20005",  # unbracketed, as vLLM announces itself
-        kv_host="fd00::7",
-        handshake_port=6301,
-        notify_port=6105,
-        dp_size=8,
-        tp_size=1,
-        transfer_mode="WRITE",
-    )
-    assert instance.base_url == "http://[fd00::7]:20005"
-
-
-@pytest.mark.parametrize(
-    "pod",
-    [
-        make_pod("p", ready=False),
-        make_pod("p", ip=None),
-        make_pod("p", deleting=True),
-        make_pod("p", ready=False, drop=("http-port",)),  # judged only once Ready
-    ],
-)
-def test_pod_instance_none_while_not_routable(pod: dict[str, Any]) -> None:
-    assert pod_instance("P", pod) is None
-
-
-@pytest.mark.parametrize(
-    ("pod", "culprit"),
-    [
-        (make_pod("p", drop=("notify-port",)), "moriio.io/notify-port"),
-        (make_pod("p", http="abc"), "moriio.io/http-port"),
-        (make_pod("p", handshake=70000), "moriio.io/handshake-port"),
-        (make_pod("p", dp=0), "moriio.io/dp-size"),
-        (make_pod("p", mode="FAST"), "moriio.io/transfer-mode"),
-        (make_pod("p", ip="10.0.0.1/evil"), "status.podIP"),
-    ],
-)
-def test_pod_instance_names_the_bad_annotation(pod: dict[str, Any], culprit: str) -> None:
-    with pytest.raises(PodRejected) as info:
-        pod_instance("P", pod)
-    assert info.value.annotation == culprit
 
 
 # ------------------------------------------------------------------- list and watch
@@ -247,7 +196,7 @@ async def test_resync_restores_an_entry_removed_behind_its_back(start: Start) ->
 async def test_bad_annotations_are_skipped_logged_and_counted(
     start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, "moriio_proxy.k8s_discovery")
+    caplog.set_level(logging.WARNING, "moriio_proxy.discovery.kubernetes")
     env = await start(
         make_pod("p-missing", ip="10.0.0.1", drop=("notify-port",)),
         make_pod("p-mode", ip="10.0.0.2", mode="FAST"),
@@ -321,7 +270,7 @@ async def test_gone_triggers_a_relist(start: Start, as_http: bool) -> None:
 async def test_api_errors_are_retried_until_the_first_list(
     start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, "moriio_proxy.k8s_discovery")
+    caplog.set_level(logging.WARNING, "moriio_proxy.discovery.kubernetes")
     api = FakeKubeAPI()
     api.list_failures = [403, 500, 503]
     await api.put(make_pod("p0"))

@@ -3,6 +3,9 @@
 The listener is the proxy's only unauthenticated input from the network, so it must
 survive any bytes: every frame is judged by ``accept()``, which counts and (rate-limited)
 logs what it refuses and never raises.
+
+This module is ``moriio_proxy.discovery.zmq``; ``import zmq`` below is pyzmq (imports are
+absolute), never this file.
 """
 
 from __future__ import annotations
@@ -11,47 +14,28 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import time
 from collections.abc import Sequence
 
 import msgpack
 import zmq
 import zmq.asyncio
 
-from .config import Network
-from .metrics import Metrics
-from .protocol import Instance, RegistrationError, parse_registration
-from .registry import Registry
+from ..config import Network
+from ..metrics import Metrics
+from ..protocol import Instance, RegistrationError, parse_registration
+from ..registry import Registry
+from .base import DiscoverySource
 
-log = logging.getLogger("moriio_proxy.discovery")
+log = logging.getLogger(__name__)
 
 # A vLLM heartbeat is ~250 bytes; a peer sending more than this is cut off by libzmq.
 MAX_MESSAGE_BYTES = 64 * 1024
 
-
-class RateLimitedLog:
-    """At most one line per key per interval, with a count of what it held back."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self._logger = logger
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def __call__(self, level: int, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -self._interval) < self._interval:
-            self._held[key] = self._held.get(key, 0) + 1
-            return
-        held = self._held.pop(key, 0)
-        self._last[key] = now
-        if len(self._last) > 1024:  # bounded even under a flood of distinct keys
-            self._last.clear()
-        suffix = f" ({held} similar messages suppressed)" if held else ""
-        self._logger.log(level, message + suffix, *args)
+# How to fix a mode conflict between heartbeats (ends the REFUSED line).
+_REMEDY = "P and D must use the same kv_connector_extra_config read_mode"
 
 
-class Discovery:
+class Discovery(DiscoverySource):
     """Feeds the registry from heartbeats (and static config), evicts silent instances."""
 
     def __init__(
@@ -64,20 +48,15 @@ class Discovery:
         allow: Sequence[Network] = (),
         static: Sequence[Instance] = (),
     ) -> None:
-        self.registry = registry
-        self.metrics = metrics
+        super().__init__(registry, metrics, static=static, logger=log)
         self.host = host
         self.port = port
         self.allow = tuple(allow)
-        self.static = tuple(static)
-        self.bound_port: int | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._log = RateLimitedLog(log)
 
     async def start(self) -> None:
-        register_static(self.registry, self.static)
+        self.register_static()
         self._ctx = zmq.asyncio.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -103,17 +82,12 @@ class Discovery:
                 "port) holds it; see the README's 'port trap' note"
             ) from None
         self._sock = sock
-        for coro in (self._listen(), self._sweep()):
-            task = asyncio.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._listen(), name="discovery-listen")
+        self._tasks.spawn(self._sweep(), name="discovery-sweep")
         log.info("discovery listening on tcp://%s:%s", host, self.bound_port)
 
     async def stop(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -155,22 +129,7 @@ class Discovery:
             instance = parse_registration(message)
         except RegistrationError as exc:
             return self._reject(exc.reason, str(exc), peer)
-        result = self.registry.upsert(instance)
-        if result == "conflict":
-            self.metrics.registrations_rejected.labels("mode_conflict").inc()
-            self._log(
-                logging.ERROR,
-                f"conflict:{instance.key}",
-                "REFUSED %s instance %s: transfer_mode %s disagrees with %s in force; P and D "
-                "must use the same kv_connector_extra_config read_mode",
-                instance.role,
-                instance.http_address,
-                instance.transfer_mode,
-                self.registry.mode,
-            )
-        else:
-            self.metrics.registrations.labels(result).inc()
-        return result
+        return self._upsert(instance, static=False, remedy=_REMEDY)
 
     def _reject(self, reason: str, detail: str, peer: str | None) -> str:
         self.metrics.registrations_rejected.labels(reason).inc()
@@ -192,24 +151,12 @@ class Discovery:
                 self.registry.sweep()
 
 
-def register_static(registry: Registry, instances: Sequence[Instance]) -> None:
-    """Add the config file's instances (never evicted); refuse loudly those in the wrong mode."""
-    for instance in instances:
-        if registry.upsert(instance, static=True) == "conflict":
-            log.error(
-                "static instance %s %s ignored: its transfer_mode %s disagrees with %s",
-                instance.role,
-                instance.http_address,
-                instance.transfer_mode,
-                registry.mode,
-            )
-
-
 def _peer_address(frame: zmq.Frame) -> str | None:
     try:
-        return frame.get("Peer-Address")
+        address = frame.get("Peer-Address")
     except (zmq.ZMQError, AttributeError):
         return None
+    return address if isinstance(address, str) else None
 
 
 def _allowed(peer: str | None, networks: Sequence[Network]) -> bool:
