@@ -38,6 +38,7 @@ from .protocol import (
 )
 from .registry import Entry, Registry
 from .relay import DONE, Relay, Scrubber, public_message, sse_event
+from .tasks import BackgroundTasks
 from .upstream import Upstream, UpstreamError, UpstreamStatusError
 
 log = logging.getLogger("moriio_proxy.disagg")
@@ -138,7 +139,7 @@ class Disaggregator:
         self.release_grace = release_grace
         self.ranks = RankPicker()
         # Strong references to fire-and-forget work (KV release after a disconnect).
-        self._background: set[asyncio.Future[Any]] = set()
+        self._background = BackgroundTasks()
         registry.instance_removed.connect(self._forget, sender=registry, weak=False)
 
     def _forget(self, _sender: Any, entry: Entry, **_: Any) -> None:
@@ -425,7 +426,7 @@ class Disaggregator:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            self._spawn(self._linger(task, discard))
+            self._background.spawn(self._linger(task, discard), name="kv-release")
             raise
 
     async def _linger(self, task: asyncio.Future[_T], discard: Callable[[_T], None]) -> None:
@@ -443,16 +444,9 @@ class Disaggregator:
         with contextlib.suppress(BaseException):
             discard(await task)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def close(self) -> None:
         """Finish background work (shutdown)."""
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._background.cancel_all()
 
 
 def _ignore(_: object) -> None:
