@@ -403,7 +403,7 @@ class Disaggregator:
             except UpstreamError as exc:
                 raise _LegFailure("decode", entry, exc) from None
             stack.callback(resp.close)
-            relay = Relay(self.upstream.chunks(resp, deadline), scrub, stack)
+            relay = Relay(resp, scrub, stack)
             try:
                 await relay.prime()
             except UpstreamError as exc:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import orjson
 
@@ -54,6 +54,14 @@ class Scrubber:
         return orjson.dumps(payload)
 
 
+class Body(Protocol):
+    """Where a relay reads the decode's answer (``upstream.Stream``)."""
+
+    async def read(self) -> bytes:
+        """The next piece of the body, b"" at its end; UpstreamError when it fails."""
+        ...
+
+
 class Relay:
     """The decode stream as client-ready SSE events, with the internal id scrubbed.
 
@@ -65,17 +73,17 @@ class Relay:
 
     def __init__(
         self,
-        chunks: AsyncIterator[bytes] | None,
+        body: Body | None,
         scrub: Scrubber,
         stack: contextlib.ExitStack | None = None,
         events: list[bytes] | None = None,
     ) -> None:
-        self._chunks = chunks
+        self._body = body
         self._buffer = b""
         self._scrub = scrub
         self._stack = stack or contextlib.ExitStack()
         self._pending: list[bytes] = list(events or [])
-        self._done = chunks is None
+        self._done = body is None
         self._closed = False
         self.saw_done = False
         self.on_first_byte: Callable[[], None] | None = None
@@ -134,14 +142,19 @@ class Relay:
         Only complete events are scrubbed and passed on, so the internal id can never be
         split across two writes; under load several events leave in one write.
         """
-        assert self._chunks is not None
-        async for chunk in self._chunks:
-            self._buffer += chunk
-            cut = event_end(self._buffer)
+        assert self._body is not None
+        read = self._body.read
+        while chunk := await read():
+            buffer = self._buffer + chunk if self._buffer else chunk
+            cut = event_end(buffer)
+            if cut == len(buffer):  # the usual case: the piece ends on an event boundary
+                self._buffer = b""
+                return self._scan(buffer)
             if cut:
-                block, self._buffer = self._buffer[:cut], self._buffer[cut:]
+                block, self._buffer = buffer[:cut], buffer[cut:]
                 return self._scan(block)
-            if len(self._buffer) > _MAX_EVENT_BYTES:
+            self._buffer = buffer
+            if len(buffer) > _MAX_EVENT_BYTES:
                 raise UpstreamProtocolError("the decode instance sent an oversized SSE event")
         if self._buffer.strip():
             block, self._buffer = self._buffer + b"\n\n", b""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,10 +152,10 @@ class Upstream:
         raw = await self.post(leg, limit, deadline)
         return parse_object(raw, leg.url)
 
-    async def open_stream(self, leg: Leg, deadline: float | None = None) -> aiohttp.ClientResponse:
-        """Send a streaming leg and return the response once its status is known to be 200.
+    async def open_stream(self, leg: Leg, deadline: float | None = None) -> Stream:
+        """Send a streaming leg and return its body once the status is known to be 200.
 
-        The caller owns the response and must ``close()`` it; closing it early is how a
+        The caller owns the stream and must ``close()`` it; closing it early is how a
         vLLM request is aborted.
         """
         client_timeout = aiohttp.ClientTimeout(
@@ -181,38 +180,87 @@ class Upstream:
             finally:
                 resp.release()
             raise UpstreamProtocolError(f"{leg.url} answered HTTP {resp.status}", url=leg.url)
-        return resp
+        return Stream(resp, leg.url, self.timeouts, deadline)
 
     @staticmethod
-    def abort(resp: aiohttp.ClientResponse) -> None:
-        """Drop a response nobody will read; closing its connection aborts the vLLM request."""
-        resp.close()
+    def abort(stream: Stream) -> None:
+        """Drop a stream nobody will read; closing its connection aborts the vLLM request."""
+        stream.close()
 
-    async def chunks(
-        self, resp: aiohttp.ClientResponse, deadline: float | None = None
-    ) -> AsyncIterator[bytes]:
-        """The response body as it arrives: the first chunk within the first-byte limit,
-        then each within the idle limit, none past ``deadline`` (monotonic). Chunks may
-        split lines; callers reassemble."""
-        first = True
-        url = str(resp.url)
-        while True:
-            limit = _limit(self.timeouts.first_byte if first else self.timeouts.idle, deadline)
-            try:
-                async with timeout_after(limit):
-                    chunk = await resp.content.readany()
-            except asyncio.TimeoutError:
-                late = deadline is not None and time.monotonic() >= deadline
-                why = "the request deadline passed" if late else f"nothing for {limit:g}s"
-                raise UpstreamTimeout(f"{url} stream stalled: {why}", url=url) from None
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                raise UpstreamProtocolError(
-                    f"{url} broke the stream: {type(exc).__name__}", url=url
-                ) from None
-            if not chunk:
-                return
-            first = False
-            yield chunk
+
+class Stream:
+    """A streaming response's body as it arrives, every wait bounded.
+
+    The first piece must come within the first-byte limit, each later one within the
+    idle limit, none after the request's deadline. A relayed answer is read dozens of
+    times per request, so the bound is one lazily re-armed timer per stream rather than a
+    timer per read: a read only notes when it started waiting, and the timer, when it
+    fires, either finds the wait overdue and fails the read (with UpstreamTimeout, through
+    the body's own exception slot) or re-arms itself for when it would be. Time spent not
+    waiting (writing to a slow client) never counts as upstream silence.
+    """
+
+    def __init__(
+        self, resp: aiohttp.ClientResponse, url: str, timeouts: Timeouts, deadline: float | None
+    ) -> None:
+        self.url = url
+        self._resp = resp
+        self._content = resp.content
+        self._loop = asyncio.get_running_loop()
+        self._limit = timeouts.first_byte
+        self._idle = timeouts.idle
+        self._deadline = deadline  # time.monotonic(), the clock asyncio's loop.time() reads
+        self._waiting_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
+
+    async def read(self) -> bytes:
+        """The next piece of the body, b"" at its end; pieces may split lines and events."""
+        since = self._waiting_since = self._loop.time()
+        if self._timer is None or self._due > since + self._limit:
+            self._arm(since + self._limit)  # first read, or the idle limit is the shorter
+        try:
+            chunk = await self._content.readany()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise UpstreamProtocolError(
+                f"{self.url} broke the stream: {type(exc).__name__}", url=self.url
+            ) from None
+        finally:
+            self._waiting_since = None
+        self._limit = self._idle
+        return chunk
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._resp.close()
+
+    def _arm(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._deadline is not None:
+            due = min(due, self._deadline)
+        self._due = due
+        self._timer = self._loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        if self._deadline is not None and now >= self._deadline:
+            self._expire("the request deadline passed")
+        elif self._waiting_since is None:
+            if self._deadline is not None:
+                self._arm(self._deadline)  # the next read() arms the silence check
+        elif now - self._waiting_since >= self._limit:
+            self._expire(f"nothing for {self._limit:g}s")
+        else:
+            self._arm(self._waiting_since + self._limit)
+
+    def _expire(self, why: str) -> None:
+        self._content.set_exception(
+            UpstreamTimeout(f"{self.url} stream stalled: {why}", url=self.url)
+        )
 
 
 async def _json_or_raise(resp: aiohttp.ClientResponse, url: str) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 from moriio_proxy.relay import Relay, Scrubber
 from moriio_proxy.upstream import UpstreamTimeout
@@ -19,11 +18,19 @@ def sse(text: str) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
-async def pieces(data: bytes, size: int, error: Exception | None = None) -> AsyncIterator[bytes]:
-    for i in range(0, len(data), size):
-        yield data[i : i + size]
-    if error is not None:
-        raise error
+class pieces:
+    """A decode body that arrives ``size`` bytes at a time, then ends or fails."""
+
+    def __init__(self, data: bytes, size: int, error: Exception | None = None) -> None:
+        self._parts = [data[i : i + size] for i in range(0, len(data), size)]
+        self._error = error
+
+    async def read(self) -> bytes:
+        if self._parts:
+            return self._parts.pop(0)
+        if self._error is not None:
+            raise self._error
+        return b""
 
 
 async def collect(relay: Relay) -> bytes:
