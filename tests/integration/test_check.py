@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from moriio_proxy.check import Report, normalize_url, run_check
@@ -86,6 +87,39 @@ async def test_healthy_1p1d_is_all_ok_and_exit_0(mode: str) -> None:
     assert len(lines) == len(report.results) + 1
     assert all(line.startswith("OK ") for line in lines[:-1])
     assert lines[-1].startswith("summary: OK ")
+
+
+async def test_admin_instances_serves_the_keys_it_always_has() -> None:
+    async with running_proxy() as proxy:
+        await proxy.add_sim("P", dp_size=2)
+        await proxy.add_sim("D")
+        await proxy.wait_registered(1, 1)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(proxy.url + "/admin/instances") as resp,
+        ):
+            doc = await resp.json()
+    assert list(doc) == ["transfer_mode", "instances"]
+    assert doc["transfer_mode"] == "READ"
+    prefill = next(i for i in doc["instances"] if i["role"] == "P")
+    assert list(prefill) == [
+        "role",
+        "http_address",
+        "zmq_address",
+        "transfer_mode",
+        "dp_size",
+        "tp_size",
+        "static",
+        "age_seconds",
+        "seconds_since_heartbeat",
+        "state",
+        "consecutive_failures",
+        "inflight",
+        "inflight_by_dp_rank",
+    ]
+    assert prefill["dp_size"] == 2 and prefill["inflight_by_dp_rank"] == [0, 0]
+    assert prefill["static"] is False and prefill["state"] == "healthy"
+    assert isinstance(prefill["seconds_since_heartbeat"], float)
 
 
 async def test_model_is_used_when_given_and_refused_when_not_served() -> None:
