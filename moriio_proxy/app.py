@@ -25,6 +25,7 @@ from .protocol import error_body
 from .registry import Entry, Registry
 from .state import ProxyState
 from .upstream import Timeouts, Upstream, UpstreamError
+from .views import AdminInstances, InstanceState, InstanceView
 
 log = logging.getLogger("moriio_proxy")
 
@@ -99,12 +100,8 @@ def create_app(config: ProxyConfig) -> Quart:
 
     @app.get("/admin/instances")
     async def admin_instances() -> Response:
-        return _json(
-            {
-                "transfer_mode": registry.mode,
-                "instances": [_describe(proxy, e) for e in registry.entries()],
-            }
-        )
+        view = AdminInstances(registry.mode, tuple(_describe(proxy, e) for e in registry.entries()))
+        return _json(view.to_json())
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
@@ -149,31 +146,32 @@ async def _models(proxy: ProxyState) -> Response:
     return _json({"object": "list", "data": list(seen.values())})
 
 
-def _describe(proxy: ProxyState, entry: Entry) -> dict[str, Any]:
+def _describe(proxy: ProxyState, entry: Entry) -> InstanceView:
     registry = proxy.registry
     inst = entry.instance
     silence = registry.silence(entry)
-    return {
-        "role": inst.role,
-        "http_address": inst.http_address,
-        "zmq_address": inst.zmq_address,
-        "transfer_mode": inst.transfer_mode,
-        "dp_size": inst.dp_size,
-        "tp_size": inst.tp_size,
-        "static": entry.static,
-        "age_seconds": round(registry.age(entry), 3),
-        "seconds_since_heartbeat": None if entry.static else round(silence, 3),
-        "state": (
-            "ejected"
-            if registry.is_ejected(entry)
-            else "healthy"
-            if entry.static or silence <= registry.ttl
-            else "stale"
-        ),
-        "consecutive_failures": entry.failures,
-        "inflight": entry.total_inflight,
-        "inflight_by_dp_rank": entry.inflight[: inst.dp_size],
-    }
+    condition: InstanceState = (
+        "ejected"
+        if registry.is_ejected(entry)
+        else "healthy"
+        if entry.static or silence <= registry.ttl
+        else "stale"
+    )
+    return InstanceView(
+        role=inst.role,
+        http_address=inst.http_address,
+        zmq_address=inst.zmq_address,
+        transfer_mode=inst.transfer_mode,
+        dp_size=inst.dp_size,
+        tp_size=inst.tp_size,
+        static=entry.static,
+        age_seconds=round(registry.age(entry), 3),
+        seconds_since_heartbeat=None if entry.static else round(silence, 3),
+        state=condition,
+        consecutive_failures=entry.failures,
+        inflight=entry.total_inflight,
+        inflight_by_dp_rank=tuple(entry.inflight[: inst.dp_size]),
+    )
 
 
 def _watch_registry(proxy: ProxyState) -> None:

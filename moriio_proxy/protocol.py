@@ -534,8 +534,13 @@ def error_body(
 
 
 def error_message(payload: Any) -> str | None:
-    """The human message of an error answer in any shape vLLM or a proxy sends
-    (``{"error": {"message"}}``, ``{"error": "..."}``, ``{"message": "..."}``)."""
+    """The human sentence inside an error answer, or None when it has none.
+
+    vLLM and the proxy send ``{"error": {"message": ...}}``; older servers and other
+    frameworks send ``{"error": "..."}`` or ``{"message": "..."}``, and the proxy's /ready
+    says why it is not ready in ``{"reason": "..."}``. Whoever reports a failed call (the
+    upstream client, ``check``) wants that sentence rather than the raw body.
+    """
     if not isinstance(payload, dict):
         return None
     error = payload.get("error")
@@ -543,8 +548,10 @@ def error_message(payload: Any) -> str | None:
         return str(error["message"])
     if isinstance(error, str):
         return error
-    message = payload.get("message")
-    return message if isinstance(message, str) else None
+    for key in ("message", "reason"):
+        if isinstance(payload.get(key), str):
+            return str(payload[key])
+    return None
 
 
 _ERROR_TYPES = {

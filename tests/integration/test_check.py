@@ -16,13 +16,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from moriio_proxy.check import Report, normalize_url, run_check
 from moriio_proxy.cli import main as cli_main
 from moriio_proxy.protocol import Instance
 from moriio_proxy.sim import SimFaults
 from tests.harness import RunningProxy, free_port, running_proxy
+from tests.unit.test_views import INSTANCE_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,6 +89,25 @@ async def test_healthy_1p1d_is_all_ok_and_exit_0(mode: str) -> None:
     assert len(lines) == len(report.results) + 1
     assert all(line.startswith("OK ") for line in lines[:-1])
     assert lines[-1].startswith("summary: OK ")
+
+
+async def test_admin_instances_serves_the_keys_it_always_has() -> None:
+    async with running_proxy() as proxy:
+        await proxy.add_sim("P", dp_size=2)
+        await proxy.add_sim("D")
+        await proxy.wait_registered(1, 1)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(proxy.url + "/admin/instances") as resp,
+        ):
+            doc = await resp.json()
+    assert list(doc) == ["transfer_mode", "instances"]
+    assert doc["transfer_mode"] == "READ"
+    prefill = next(i for i in doc["instances"] if i["role"] == "P")
+    assert list(prefill) == INSTANCE_KEYS
+    assert prefill["dp_size"] == 2 and prefill["inflight_by_dp_rank"] == [0, 0]
+    assert prefill["static"] is False and prefill["state"] == "healthy"
+    assert isinstance(prefill["seconds_since_heartbeat"], float)
 
 
 async def test_model_is_used_when_given_and_refused_when_not_served() -> None:
@@ -179,6 +201,46 @@ async def test_unreachable_proxy_is_one_fail_line_and_exit_1() -> None:
     assert lines[0].startswith("FAIL  proxy  cannot reach " + url)
     assert "connection refused" in lines[0]
     assert "-> next: start it (moriio-proxy serve" in lines[0]
+
+
+async def test_a_malformed_instance_list_is_one_clear_fail_not_a_crash() -> None:
+    """A proxy of another version (or something else on its port) answering oddly."""
+    entry = {"role": "P", "transfer_mode": "READ"}  # no http_address, among others
+    answers: dict[str, tuple[int, object]] = {
+        "/health": (200, {"status": "ok"}),
+        "/admin/instances": (200, {"transfer_mode": "READ", "instances": [entry]}),
+        "/metrics": (200, "<html>no metrics</html>"),
+        "/v1/models": (503, {"error": {"message": "none here"}}),
+        "/ready": (503, {"reason": "not today"}),
+    }
+
+    async def handle(request: web.Request) -> web.Response:
+        status, body = answers[request.path]
+        if isinstance(body, str):
+            return web.Response(text=body, status=status)
+        return web.json_response(body, status=status)
+
+    app = web.Application()
+    for path in answers:
+        app.router.add_get(path, handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port(25200)
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        report = await run_check(f"127.0.0.1:{port}", timeout=5)
+    finally:
+        await runner.cleanup()
+    assert report.exit_code == 1
+    instances = report.by_name("instances")
+    assert instances.status == "FAIL"
+    assert "malformed instance list: instances[0].http_address is missing" in instances.message
+    assert "point check at the moriio-proxy itself" in instances.hint
+    got = statuses(report)
+    assert not {"prefill", "decode", "transfer-mode", "parallelism", "states"} & set(got)
+    assert got["models"] == got["completion"] == got["ready"] == "FAIL"
+    assert report.by_name("ready").message == "/ready: HTTP 503: not today"
+    assert report.to_text().splitlines()[-1].startswith("summary: FAIL ")
 
 
 # -- inconsistent deployments -------------------------------------------------------------
