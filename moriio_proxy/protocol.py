@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 Role = Literal["P", "D"]
@@ -67,8 +68,9 @@ class Instance:
         """The string both legs' request-id sandwich embeds; vLLM parses it back."""
         return f"host:{self.kv_host},handshake:{self.handshake_port},notify:{self.notify_port}"
 
-    @property
+    @cached_property
     def base_url(self) -> str:
+        """Computed once per instance: every leg's URL starts with it."""
         host, port = split_host_port(self.http_address)
         return f"http://{bracket_host(host)}:{port}"
 

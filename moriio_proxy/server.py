@@ -8,11 +8,30 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from quart import Quart
+
+
+class _Config(HypercornConfig):
+    """Hypercorn's config with the per-response headers built once a second, not once
+    per response (its date formatting is a measurable part of a small response), and no
+    ``server`` header naming the implementation."""
+
+    include_server_header = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._headers: tuple[int, list[tuple[bytes, bytes]]] = (-1, [])
+
+    def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
+        now = int(time.time())
+        if self._headers[0] != now:
+            self._headers = (now, super().response_headers(protocol))
+        return list(self._headers[1])
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -38,7 +57,7 @@ async def serve(
     graceful_timeout: float = 5.0,
 ) -> None:
     """Run Hypercorn on ``sock`` until ``shutdown_trigger`` returns."""
-    config = HypercornConfig()
+    config = _Config()
     # Hypercorn takes ownership of (and closes) the descriptor it is given: hand it a dup.
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
     config.accesslog = None
