@@ -10,20 +10,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, cast
 
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from .completions import CompletionsEndpoint
+from .completions import ASGIApp, CompletionsEndpoint
 from .config import ProxyConfig
 from .disagg import Disaggregator
-from .discovery import make_discovery
+from .discovery import DiscoverySource, make_discovery
+from .discovery.mirror import fleet_inflight_of
 from .metrics import CONTENT_TYPE, Metrics
 from .policies import make_policy
 from .protocol import error_body
 from .registry import Entry, Registry
-from .state import ProxyState
+from .state import ProxyState, build_registry
 from .upstream import Timeouts, Upstream, UpstreamError
 from .views import AdminInstances, InstanceState, InstanceView
 
@@ -37,19 +40,18 @@ def state(app: Quart) -> ProxyState:
     return proxy
 
 
-def create_app(config: ProxyConfig) -> Quart:
+DiscoveryFactory = Callable[[Registry, Metrics], DiscoverySource]
+
+
+def create_app(config: ProxyConfig, discovery: DiscoveryFactory | None = None) -> Quart:
+    """The proxy as a Quart app; ``discovery`` replaces the configured source (a worker
+    of ``serve --workers N`` mirrors its supervisor's registry instead)."""
     app = Quart("moriio_proxy")
     # Streams last as long as generation does; our own timeouts bound every upstream wait.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 60
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    pinned = None if config.transfer_mode == "auto" else config.transfer_mode
-    registry = Registry(
-        config.instance_ttl,
-        pinned_mode=pinned,  # type: ignore[arg-type]
-        eject_after=config.eject_after,
-        eject_seconds=config.eject_seconds,
-    )
+    registry = build_registry(config)
     metrics = Metrics()
     upstream = Upstream(
         Timeouts(
@@ -59,7 +61,7 @@ def create_app(config: ProxyConfig) -> Quart:
             idle=config.stream_idle_timeout,
         )
     )
-    discovery = make_discovery(config, registry, metrics)
+    source = (discovery or partial(make_discovery, config))(registry, metrics)
     disagg = Disaggregator(
         registry,
         upstream,
@@ -70,14 +72,15 @@ def create_app(config: ProxyConfig) -> Quart:
         retry_backoff=config.retry_backoff,
         request_timeout=config.request_timeout,
     )
-    proxy = ProxyState(config, registry, metrics, upstream, discovery, disagg)
+    proxy = ProxyState(config, registry, metrics, upstream, source, disagg)
     app.extensions["moriio_proxy"] = proxy
-    _watch_registry(proxy)
+    metrics.watch(lambda: [e.instance.role for e in registry.entries()])
 
     app.before_serving(proxy.start)
     app.after_serving(proxy.stop)
     # The generation routes bypass Quart (see completions.py); the rest is Quart's.
-    app.asgi_app = CompletionsEndpoint(proxy, app.asgi_app)  # type: ignore[method-assign]
+    fallback = cast(ASGIApp, app.asgi_app)
+    app.asgi_app = CompletionsEndpoint(proxy, fallback)  # type: ignore[method-assign,assignment]
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -150,6 +153,7 @@ def _describe(proxy: ProxyState, entry: Entry) -> InstanceView:
     registry = proxy.registry
     inst = entry.instance
     silence = registry.silence(entry)
+    inflight = fleet_inflight_of(entry)  # every worker's legs under serve --workers N
     condition: InstanceState = (
         "ejected"
         if registry.is_ejected(entry)
@@ -169,33 +173,6 @@ def _describe(proxy: ProxyState, entry: Entry) -> InstanceView:
         seconds_since_heartbeat=None if entry.static else round(silence, 3),
         state=condition,
         consecutive_failures=entry.failures,
-        inflight=entry.total_inflight,
-        inflight_by_dp_rank=tuple(entry.inflight[: inst.dp_size]),
+        inflight=sum(inflight),
+        inflight_by_dp_rank=inflight[: inst.dp_size],
     )
-
-
-def _watch_registry(proxy: ProxyState) -> None:
-    """Log and count registry changes; the registry itself knows nothing of either."""
-    registry, metrics = proxy.registry, proxy.metrics
-
-    def added(_sender: Any, entry: Entry, **_: Any) -> None:
-        inst = entry.instance
-        metrics.instances.labels(inst.role).inc()
-        log.info(
-            "registered %s instance %s (%s, dp=%d, tp=%d, %s)",
-            inst.role,
-            inst.http_address,
-            inst.zmq_address,
-            inst.dp_size,
-            inst.tp_size,
-            inst.transfer_mode,
-        )
-
-    def removed(_sender: Any, entry: Entry, reason: str = "", **_: Any) -> None:
-        inst = entry.instance
-        metrics.instances.labels(inst.role).dec()
-        metrics.evictions.labels(inst.role).inc()
-        log.warning("removed %s instance %s: %s", inst.role, inst.http_address, reason)
-
-    registry.instance_added.connect(added, sender=registry, weak=False)
-    registry.instance_removed.connect(removed, sender=registry, weak=False)

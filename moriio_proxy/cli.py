@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from . import __version__
@@ -145,12 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             cli_values = {o.name: getattr(args, o.name) for o in OPTIONS}
             config = load_config(cli_values, config_file=args.config)
-            _setup_logging(config.log_level)
-            return asyncio.run(_serve(config))
+            setup_logging(config.log_level)
+            return run_loop(_serve(config), config.event_loop)
         if args.command == "sim":
-            _setup_logging("info")
+            setup_logging("info")
             return asyncio.run(_sim(args))
-        _setup_logging("info")
+        setup_logging("info")
         return asyncio.run(_demo(args))
     except ConfigError as exc:
         print(f"moriio-proxy: error: {exc}", file=sys.stderr)
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -173,7 +173,27 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _stop_event() -> asyncio.Event:
+def run_loop(main: Coroutine[Any, Any, int], event_loop: str = "auto") -> int:
+    """Run ``main`` on uvloop when it is installed (``auto``) or asked for, else asyncio.
+
+    uvloop's C event loop and transports cost the proxy about a quarter less CPU per
+    upstream call than asyncio's in our profiles; ``--event-loop asyncio`` is the escape
+    hatch for debugging.
+    """
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise ConfigError(
+                    "--event-loop uvloop: uvloop is not installed (pip install uvloop)"
+                ) from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def stop_event() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM, so shutdown is always the clean path."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -184,10 +204,12 @@ def _stop_event() -> asyncio.Event:
 
 
 async def _serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> int:
+    stop = stop or stop_event()
+    if config.workers > 1:
+        return await _supervise(config, stop)
     from .app import create_app, state
     from .server import bind_listener, serve
 
-    stop = stop or _stop_event()
     try:
         app = create_app(config)
     except ImportError as exc:  # --discovery kubernetes without the k8s extra
@@ -198,18 +220,7 @@ async def _serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> int:
     except OSError:
         sock.close()
         raise
-    where = (
-        f"pods {config.k8s_prefill_selector!r} / {config.k8s_decode_selector!r}"
-        if config.discovery == "kubernetes"
-        else f"tcp://{config.discovery_host}:{config.discovery_port}"
-    )
-    log.info(
-        "moriio-proxy %s serving OpenAI on http://%s:%s (discovery: %s)",
-        __version__,
-        config.host,
-        sock.getsockname()[1],
-        where,
-    )
+    _log_serving(config, sock.getsockname()[1], state(app).discovery.bound_port)
     proxy = state(app)
 
     async def drain_then_stop() -> None:
@@ -224,6 +235,42 @@ async def _serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> int:
         await state(app).stop()
         sock.close()
     return 0
+
+
+async def _supervise(config: ProxyConfig, stop: asyncio.Event) -> int:
+    from .workers import Supervisor, WorkerStartError
+
+    try:
+        supervisor = Supervisor(config, on_ready=lambda port: None)
+    except ImportError as exc:  # --discovery kubernetes without the k8s extra
+        raise ConfigError(f"--discovery: {exc}") from None
+    supervisor.on_ready = lambda port: _log_serving(
+        config, port, supervisor.discovery.bound_port, workers=config.workers
+    )
+    try:
+        return await supervisor.run(stop)
+    except WorkerStartError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def _log_serving(
+    config: ProxyConfig, port: int, discovery_port: int | None, workers: int = 1
+) -> None:
+    where = (
+        f"pods {config.k8s_prefill_selector!r} / {config.k8s_decode_selector!r}"
+        if config.discovery == "kubernetes"
+        else f"tcp://{config.discovery_host}:{discovery_port or config.discovery_port}"
+    )
+    processes = f" with {workers} workers" if workers > 1 else ""
+    log.info(
+        "moriio-proxy %s serving OpenAI on http://%s:%s%s (discovery: %s)",
+        __version__,
+        config.host,
+        port,
+        processes,
+        where,
+    )
 
 
 async def _sim(args: argparse.Namespace) -> int:
@@ -271,7 +318,7 @@ async def _sim(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from .sim import SimConfig, SimInstance
 
-    stop = _stop_event()
+    stop = stop_event()
     config = load_config(
         {
             "host": "127.0.0.1",

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -38,13 +38,13 @@ class ProxyConfig:
     discovery_host: str = "0.0.0.0"
     discovery_port: int = 36367
     discovery_allow: tuple[Network, ...] = ()
-    discovery: str = "zmq"
+    discovery: Literal["zmq", "kubernetes"] = "zmq"
     k8s_namespace: str = ""
     k8s_prefill_selector: str = DEFAULT_PREFILL_SELECTOR
     k8s_decode_selector: str = DEFAULT_DECODE_SELECTOR
     k8s_api_url: str = ""
     instance_ttl: float = 10.0
-    transfer_mode: str = "auto"
+    transfer_mode: Literal["auto", "READ", "WRITE"] = "auto"
     prefill_policy: str = "least_loaded"
     decode_policy: str = "least_loaded"
     connect_timeout: float = 5.0
@@ -59,7 +59,9 @@ class ProxyConfig:
     max_inflight: int = 4096
     drain_timeout: float = 30.0
     max_body_bytes: int = 16 * 1024 * 1024
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    workers: int = 1
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     static_instances: tuple[Instance, ...] = field(default=())
 
 
@@ -239,6 +241,17 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("max_body_bytes", _positive_int, "largest accepted request body"),
     Option("log_level", _choice("debug", "info", "warning", "error", "critical"), "logging level"),
+    Option(
+        "workers",
+        _positive_int,
+        "serving processes sharing the HTTP port (SO_REUSEPORT); discovery runs once and "
+        "feeds them all; about one per core the proxy may use",
+    ),
+    Option(
+        "event_loop",
+        _choice("auto", "uvloop", "asyncio"),
+        "event loop: uvloop when installed (auto), or force one",
+    ),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 

@@ -213,7 +213,7 @@ class Disaggregator:
             )
 
     def _backoff(self, attempt: int) -> float:
-        return min(2.0, self.retry_backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+        return min(2.0, self.retry_backoff * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
     # ------------------------------------------------------------------ choosing a pair
 
@@ -346,7 +346,7 @@ class Disaggregator:
         producer (no connector, wrong kv_role): answering with its one token would
         silently truncate the client's answer, so that is an error.
         """
-        params = payload.get("kv_transfer_params")
+        params: dict[str, Any] | None = payload.get("kv_transfer_params")
         if params is None:
             if _finished_by_itself(payload) or _wanted_tokens(request.body) == 1:
                 self.metrics.null_kv_params.inc()

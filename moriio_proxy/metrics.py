@@ -1,13 +1,41 @@
-"""Prometheus collectors, one CollectorRegistry per app so tests never share counters."""
+"""Prometheus collectors, one CollectorRegistry per app so tests never share counters.
+
+With ``serve --workers N`` every process counts what it does itself (the supervisor:
+discovery; the workers: requests) in prometheus-client's multiprocess mode, and a scrape
+of any worker adds them all up. What is a view of the registry (instances per role) is
+not counted at all but read from the registry at scrape time, so it is never doubled by
+the workers' mirrors and never outlives an instance.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def enable_multiprocess(directory: str) -> None:
+    """Make this process's metrics file-backed in ``directory`` (an empty folder shared by
+    the supervisor and its workers). Call before the first ``Metrics()`` of the process;
+    children inherit it through the environment."""
+    os.environ[MULTIPROC_ENV] = directory
+    # prometheus-client picks its value class when first imported; pick again now that
+    # the directory is known, whatever imported it earlier.
+    prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -25,7 +53,10 @@ class Metrics:
             registry=r,
         )
         self.inflight = Gauge(
-            "moriio_proxy_inflight_requests", "Client requests being served", registry=r
+            "moriio_proxy_inflight_requests",
+            "Client requests being served",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.upstream_errors = Counter(
             "moriio_proxy_upstream_errors",
@@ -64,9 +95,6 @@ class Metrics:
             "Requests refused before routing, by reason (over_capacity, draining)",
             ["reason"],
             registry=r,
-        )
-        self.instances = Gauge(
-            "moriio_proxy_instances", "Registered instances by role", ["role"], registry=r
         )
         self.registrations = Counter(
             "moriio_proxy_registrations",
@@ -108,6 +136,7 @@ class Metrics:
 
         # Label lookups take a lock and validate; the request path reuses the children.
         self._request_counters: dict[tuple[str, str], Any] = {}
+        self._views: list[_InstancesView] = []
 
     def count_request(self, endpoint: str, outcome: str) -> None:
         """One more finished client request (the hot path's cached counter child)."""
@@ -117,5 +146,36 @@ class Metrics:
             child = self._request_counters[key] = self.requests.labels(endpoint, outcome)
         child.inc()
 
+    def watch(self, roles: Callable[[], Iterable[str]]) -> None:
+        """Export ``moriio_proxy_instances{role}`` from ``roles()`` (one role per
+        registered instance), read at scrape time."""
+        self._views.append(_InstancesView(roles))
+        self.registry.register(self._views[-1])
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = multiprocess_dir()
+        if directory is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, directory)  # type: ignore[no-untyped-call]
+        for view in self._views:
+            merged.register(view)
+        return generate_latest(merged)
+
+
+class _InstancesView:
+    """``moriio_proxy_instances{role}``: a gauge computed from the registry when scraped."""
+
+    def __init__(self, roles: Callable[[], Iterable[str]]) -> None:
+        self._roles = roles
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "moriio_proxy_instances", "Registered instances by role", labels=["role"]
+        )
+        counts = {"P": 0, "D": 0}
+        for role in self._roles():
+            counts[role] = counts.get(role, 0) + 1
+        for role, count in counts.items():
+            family.add_metric([role], count)
+        yield family

@@ -478,12 +478,11 @@ def check_read_params(params: Any, transfer_id: str) -> str | None:
 # ------------------------------------------------------------------------ the answers
 
 
-def rewrite_id(payload: Any, new_id: str) -> Any:
+def rewrite_id(payload: dict[str, Any], new_id: str) -> dict[str, Any]:
     """Replace vLLM's ``id`` (which embeds the sandwich) and drop internal KV params."""
-    if isinstance(payload, dict):
-        if "id" in payload:
-            payload["id"] = new_id
-        payload.pop("kv_transfer_params", None)
+    if "id" in payload:
+        payload["id"] = new_id
+    payload.pop("kv_transfer_params", None)
     return payload
 
 
@@ -495,7 +494,7 @@ def prefill_as_answer(
     When P's one token finished the request there is nothing for D to continue, and a
     streaming client still deserves a well-formed SSE answer.
     """
-    base = {k: payload[k] for k in ("id", "created", "model") if k in payload}
+    base: dict[str, Any] = {k: payload[k] for k in ("id", "created", "model") if k in payload}
     chunks: list[dict[str, Any]] = []
     for choice in payload.get("choices") or []:
         index = choice.get("index", 0)

@@ -30,6 +30,9 @@ class Entry:
     inflight: list[int] = field(default_factory=list)  # one counter per DP rank
     failures: int = 0  # consecutive failed legs; any success resets it
     ejected_until: float = 0.0  # out of rotation until then, heartbeat or not
+    # In a worker of ``serve --workers N``: the fleet's in-flight legs per rank, from the
+    # supervisor's last snapshot (``inflight`` stays this process's own, for routing).
+    fleet_inflight: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.inflight:
@@ -98,6 +101,13 @@ class Registry:
         if missing > 0:
             existing.inflight.extend([0] * missing)
         return "updated"
+
+    def clock(self) -> float:
+        """The registry's notion of now (injectable for tests)."""
+        return self._clock()
+
+    def get(self, key: tuple[Role, str]) -> Entry | None:
+        return self._entries.get(key)
 
     def remove(self, key: tuple[Role, str], reason: str) -> Entry | None:
         entry = self._entries.pop(key, None)

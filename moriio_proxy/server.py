@@ -34,12 +34,18 @@ class _Config(HypercornConfig):
         return list(self._headers[1])
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; raises OSError with the address in the message."""
+def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; raises OSError with the address in the message.
+
+    ``reuse_port``: join the SO_REUSEPORT group of a ``serve --workers N`` fleet, whose
+    listeners share the port and get the connections the kernel spreads over them.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as exc:
@@ -67,4 +73,4 @@ async def serve(
     # piles up CLOSE-WAIT sockets under connection churn: keep its 5 s default.
     config.keep_alive_timeout = 5
     config.h11_max_incomplete_size = 64 * 1024
-    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)

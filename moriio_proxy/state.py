@@ -10,10 +10,23 @@ from .config import ProxyConfig
 from .disagg import Disaggregator
 from .discovery import DiscoverySource
 from .metrics import Metrics
+from .protocol import Role
 from .registry import Registry
 from .upstream import Upstream
 
 log = logging.getLogger("moriio_proxy")
+
+_ROLE_NAMES: tuple[tuple[Role, str], ...] = (("P", "prefill"), ("D", "decode"))
+
+
+def build_registry(config: ProxyConfig) -> Registry:
+    """The registry a proxy process (or a worker's mirror) keeps, as configured."""
+    return Registry(
+        config.instance_ttl,
+        pinned_mode=None if config.transfer_mode == "auto" else config.transfer_mode,
+        eject_after=config.eject_after,
+        eject_seconds=config.eject_seconds,
+    )
 
 
 @dataclass
@@ -60,11 +73,7 @@ class ProxyState:
         """Why the proxy cannot serve a request now, or None when it can."""
         if self.draining:
             return "draining"
-        missing = [
-            name
-            for role, name in (("P", "prefill"), ("D", "decode"))
-            if not self.registry.healthy(role)
-        ]
+        missing = [name for role, name in _ROLE_NAMES if not self.registry.healthy(role)]
         if missing:
             return f"no {' and no '.join(missing)} instance registered"
         return None

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from ..metrics import Metrics
 from ..protocol import Instance
-from ..registry import Registry, UpsertResult
+from ..registry import Entry, Registry, UpsertResult
 from ..tasks import BackgroundTasks
 
 
@@ -43,11 +43,29 @@ class RateLimitedLog:
         self._logger.log(level, message + suffix, *args)
 
 
+log = logging.getLogger("moriio_proxy.discovery")
+
+
+def _log_added(_sender: object, entry: Entry, **_: object) -> None:
+    inst = entry.instance
+    log.info(
+        "registered %s instance %s (%s, dp=%d, tp=%d, %s)",
+        inst.role,
+        inst.http_address,
+        inst.zmq_address,
+        inst.dp_size,
+        inst.tp_size,
+        inst.transfer_mode,
+    )
+
+
 class DiscoverySource(abc.ABC):
     """One way of finding instances; registers ``static`` first, then what it discovers.
 
     ``bound_port`` is the port a listening source bound (the real one when asked for
-    port 0), and None for a source that listens on nothing.
+    port 0), and None for a source that listens on nothing. A source that ``announce``s
+    is the fleet's source of truth: it logs every instance that comes and goes and counts
+    departures (``moriio_proxy_evictions_total``); a worker's mirror does neither.
     """
 
     def __init__(
@@ -57,6 +75,7 @@ class DiscoverySource(abc.ABC):
         *,
         static: Sequence[Instance],
         logger: logging.Logger,
+        announce: bool = True,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
@@ -64,6 +83,9 @@ class DiscoverySource(abc.ABC):
         self.bound_port: int | None = None
         self._tasks = BackgroundTasks()
         self._log = RateLimitedLog(logger)
+        if announce:  # the source of truth logs and counts arrivals and departures
+            registry.instance_added.connect(_log_added, sender=registry, weak=False)
+            registry.instance_removed.connect(self._removed, sender=registry, weak=False)
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -94,6 +116,11 @@ class DiscoverySource(abc.ABC):
         else:
             self.metrics.registrations.labels(result).inc()
         return result
+
+    def _removed(self, _sender: object, entry: Entry, reason: str = "", **_: object) -> None:
+        inst = entry.instance
+        self.metrics.evictions.labels(inst.role).inc()
+        log.warning("removed %s instance %s: %s", inst.role, inst.http_address, reason)
 
     def _log_conflict(self, instance: Instance, remedy: str) -> None:
         self._log(

@@ -1,0 +1,101 @@
+"""The registry snapshot a supervisor publishes and its workers apply (no sockets)."""
+
+from __future__ import annotations
+
+import msgpack
+
+from moriio_proxy.discovery.mirror import (
+    apply_snapshot,
+    encode_snapshot,
+    fleet_inflight_of,
+    local_inflight,
+    sum_reports,
+)
+from moriio_proxy.protocol import Instance
+from moriio_proxy.registry import Registry
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def instance(role: str, address: str, mode: str = "READ", dp: int = 1) -> Instance:
+    host = address.split(":")[0]
+    return Instance(role, address, host, 6301, 6105, dp, 1, mode)  # type: ignore[arg-type]
+
+
+def mirrored(source: Registry, fleet: dict | None = None) -> Registry:
+    replica = Registry(10.0, clock=source.clock)
+    apply_snapshot(replica, msgpack.unpackb(encode_snapshot(source, fleet or {}), raw=False))
+    return replica
+
+
+def test_a_worker_sees_the_supervisors_instances_ages_and_silences():
+    clock = Clock()
+    source = Registry(10.0, clock=clock)
+    source.upsert(instance("P", "10.0.0.1:20005", dp=2))
+    source.upsert(instance("D", "10.0.0.2:40005"), static=True)
+    clock.now += 4.0
+    source.upsert(instance("P", "10.0.0.1:20005", dp=2))  # a heartbeat
+    clock.now += 1.5
+    replica = mirrored(source)
+    assert [e.instance for e in replica.entries()] == [e.instance for e in source.entries()]
+    p, d = replica.entries()
+    assert replica.silence(p) == 1.5 and replica.age(p) == 5.5
+    assert d.static and not p.static
+    clock.now += 20  # the replica never evicts by itself: the supervisor decides
+    assert replica.sweep() == [p]  # ...unless asked, as a plain registry would
+
+
+def test_instances_gone_from_the_snapshot_leave_the_worker():
+    clock = Clock()
+    source = Registry(10.0, clock=clock)
+    source.upsert(instance("P", "10.0.0.1:20005"))
+    source.upsert(instance("D", "10.0.0.2:40005"))
+    replica = mirrored(source)
+    source.remove(("D", "10.0.0.2:40005"), "test")
+    apply_snapshot(replica, msgpack.unpackb(encode_snapshot(source, {}), raw=False))
+    assert [e.instance.role for e in replica.entries()] == ["P"]
+
+
+def test_a_fleet_that_changed_mode_is_taken_in_one_snapshot():
+    clock = Clock()
+    source = Registry(10.0, clock=clock)
+    source.upsert(instance("P", "10.0.0.1:20005", mode="READ"))
+    replica = mirrored(source)
+    source.remove(("P", "10.0.0.1:20005"), "evicted")
+    source.upsert(instance("P", "10.0.0.3:20005", mode="WRITE"))
+    apply_snapshot(replica, msgpack.unpackb(encode_snapshot(source, {}), raw=False))
+    assert [e.instance.http_address for e in replica.entries()] == ["10.0.0.3:20005"]
+    assert replica.mode == "WRITE"
+
+
+def test_fleet_inflight_is_the_sum_of_the_workers_reports():
+    clock = Clock()
+    worker_a, worker_b = Registry(10.0, clock=clock), Registry(10.0, clock=clock)
+    for registry in (worker_a, worker_b):
+        registry.upsert(instance("P", "10.0.0.1:20005", dp=2))
+        registry.upsert(instance("D", "10.0.0.2:40005"))
+    worker_a.entries()[0].inflight[1] += 2
+    worker_b.entries()[0].inflight[0] += 1
+    worker_b.entries()[1].inflight[0] += 3
+    fleet = sum_reports({0: local_inflight(worker_a), 1: local_inflight(worker_b)})
+    assert fleet == {("P", "10.0.0.1:20005"): [1, 2], ("D", "10.0.0.2:40005"): [3]}
+    supervisor = Registry(10.0, clock=clock)
+    supervisor.upsert(instance("P", "10.0.0.1:20005", dp=2))
+    supervisor.upsert(instance("D", "10.0.0.2:40005"))
+    replica = mirrored(supervisor, fleet)
+    p, d = replica.entries()
+    assert fleet_inflight_of(p) == (1, 2) and fleet_inflight_of(d) == (3,)
+    assert p.inflight == [0, 0]  # routing still reads this worker's own load
+    assert fleet_inflight_of(supervisor.entries()[0]) == (0, 0)  # one process: its own
+
+
+def test_an_idle_worker_reports_nothing():
+    registry = Registry(10.0)
+    registry.upsert(instance("P", "10.0.0.1:20005"))
+    assert local_inflight(registry) == {}
