@@ -14,13 +14,24 @@ sources (the wire contract is ``docs/protocol.md``):
 * ``settings``: SimConfig, SimFaults, SimStats, LegRecord (the public data).
 * ``model``: the toy model; a token is a word, output is a function of the KV fingerprint.
 * ``connector``: the connector's scheduler rules as pure functions (request-id sandwich,
-  port offsets, ``add_new_req``, block-id checks); the one place version differences go.
+  port offsets, ``add_new_req``, block-id checks): the rules whose violation kills EngineCore.
 * ``transport``: handshake / notify ROUTERs per DP rank and DEALERs to peers (ZMQ).
 * ``engine``: EngineCore, per-rank KV memory, the READ and WRITE transfer paths.
 * ``api``: the OpenAI server (validation, JSON / SSE answers), its listener, ``/sim/*``.
 * ``faults``: seeded fault draws and what a drawn fault does to a request.
 * ``heartbeat``: the discovery heartbeat map and loop.
 * ``instance``: SimInstance composing these; ``run_sim``.
+
+Where known next steps go. Each vLLM 0.33 difference is one decision in one function, so a
+``--vllm-version`` setting is read in exactly these: the WRITE decode's wait for its KV
+(``engine.write.WriteTransfers.decode``; 0.33 fails it after the prefill's defer_timeout),
+the READ consumer's claim on the prompt (``connector.external_prompt_tokens``; 0.33 serves a
+request without do_remote_prefill as plain), WRITE-mode port arithmetic
+(``connector.WriteDestination.ports``, ``connector.blocks_notify``; mixed TP), the final SSE
+chunk (``api.responses.respond_stream``; 0.33 carries kv_transfer_params) and the routes
+(``api.server.OpenAIServer.app``; GET /version). A prefix cache is per DP rank state
+(``engine.memory.DpRank``) charged in the one place every leg spends prompt time
+(``engine.runner.ModelRunner.compute_prompt``).
 """
 
 from .instance import SimInstance, run_sim

@@ -7,9 +7,9 @@ rule raises ``EngineCoreFatal`` and the whole simulated engine dies, as vLLM doe
 silently skips a transfer the rule says why, and the decode answers garbage.
 
 The rules read vLLM 0.32's ``kv_connector/v1/moriio/`` sources (``moriio_common.py``,
-``moriio_connector.py``); the wire contract is ``docs/protocol.md``. A behaviour that changes
-between vLLM versions belongs in one of these functions, so a version switch has one place to
-look. Nothing here does I/O or keeps state.
+``moriio_connector.py``); the wire contract is ``docs/protocol.md``. A connector behaviour
+that differs between vLLM versions is one of these functions (the package docstring lists
+them). Nothing here does I/O or keeps state.
 """
 
 from __future__ import annotations
@@ -207,9 +207,6 @@ def prefill_answer(
     }
 
 
-# ---- READ mode: the decode pulls the prefill's blocks by id
-
-
 @dataclass(frozen=True)
 class ReadSource:
     """Where a READ-mode decode reads the KV from: one prefill DP rank's ports.
@@ -287,9 +284,6 @@ def read_source(kv: dict[str, Any], request_id: str, num_external: int) -> ReadS
         transfer_id=meta.transfer_id,
         block_ids=group,
     )
-
-
-# ---- WRITE mode: the decode announces its blocks, the prefill writes into them
 
 
 @dataclass(frozen=True)
@@ -429,9 +423,6 @@ def write_prefill_release_target(kv: dict[str, Any], request_id: str) -> tuple[s
         return str(host), int(port) + port_offset(int(kv.get("remote_dp_rank", 0)), 0)
     except (TypeError, ValueError):
         return None
-
-
-# ---- notify messages (the simulated RDMA traffic rides on the notify ports)
 
 
 def notify_kind(message: dict[str, Any]) -> Any:

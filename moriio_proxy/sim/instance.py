@@ -54,8 +54,6 @@ class SimInstance:
         self._started = False
         self._stopped = False
 
-    # ---- addresses
-
     @property
     def port(self) -> int:
         """The HTTP port actually bound."""
@@ -106,8 +104,6 @@ class SimInstance:
         return registration(
             cfg.role, cfg.mode, self.http_address, self.zmq_address, cfg.dp_size, cfg.tp_size
         )
-
-    # ---- what tests read and change
 
     @property
     def legs(self) -> list[LegRecord]:
@@ -171,8 +167,6 @@ class SimInstance:
     async def wait_dead(self) -> str:
         """Wait until the simulated engine dies; returns the reason."""
         return await self._engine.wait_dead()
-
-    # ---- lifecycle
 
     async def __aenter__(self) -> SimInstance:
         await self.start()

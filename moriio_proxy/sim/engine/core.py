@@ -62,8 +62,6 @@ class EngineCore:
         self.reads = ReadTransfers(self.runner, transport, self.spawn)
         self.writes = WriteTransfers(self.runner, transport, self.ranks, self.spawn)
 
-    # ---- what the instance and the HTTP server ask
-
     def held_transfers(self) -> int:
         """KV registrations P still holds (blocks not yet read/written/released/reaped)."""
         return sum(len(st.registrations) for st in self.ranks)
@@ -135,8 +133,6 @@ class EngineCore:
             await asyncio.gather(*tasks, return_exceptions=True)
         for st in self.ranks:
             st.close()
-
-    # ---- engine requests
 
     async def _run(self, req: EngineRequest, queue: OutputQueue) -> None:
         self.stats.per_rank[req.rank] = self.stats.per_rank.get(req.rank, 0) + 1
@@ -225,8 +221,6 @@ class EngineCore:
             )
 
         return reaped
-
-    # ---- notify messages from peers
 
     def on_notify(self, rank: int, message: dict[str, Any]) -> dict[str, Any] | None:
         """Route a notify message on DP rank ``rank``; returns the reply, if any.

@@ -43,8 +43,6 @@ class WriteTransfers:
         self._ranks = ranks
         self._spawn = spawn
 
-    # ---- the prefill side
-
     def prefilled(
         self, st: DpRank, key: Any, reg_key: Any, fingerprint: str, dest: WriteDestination
     ) -> None:
@@ -127,8 +125,6 @@ class WriteTransfers:
             self._runner.stats.kv_writes_sent += 1
         finally:
             st.free(task.reg_key)
-
-    # ---- the decode side
 
     def written(self, st: DpRank, message: dict[str, Any]) -> None:
         """D: a write_done notify wakes the decode waiting for it (or is kept for later)."""
