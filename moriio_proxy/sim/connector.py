@@ -77,6 +77,21 @@ def peer_zmq_from_request_id(request_id: str, is_producer: bool) -> str | None:
     return None if m is None else m.group(1)
 
 
+def _embedded_peer(request_id: str, is_producer: bool, where: str) -> tuple[str, int, int] | None:
+    """The peer (host, handshake, notify) the request-id sandwich embeds, or None without
+    one; a malformed embedded address kills EngineCore."""
+    peer = peer_zmq_from_request_id(request_id, is_producer)
+    if peer is None:
+        return None
+    try:
+        return parse_zmq_address(peer)
+    except ValueError as e:
+        side = "decode" if is_producer else "prefill"
+        raise EngineCoreFatal(
+            f"{where}: the X-Request-Id embeds a malformed {side} zmq_address ({e})"
+        ) from e
+
+
 def port_offset(dp_rank: int, tp_rank: int, tp_size: int = 1) -> int:
     """0.32 get_port_offset. Note most 0.32 call sites omit tp_size (so: dp_rank + tp_rank)."""
     return dp_rank * tp_size + tp_rank
@@ -135,14 +150,9 @@ def add_new_req(request_id: str, kv: dict[str, Any], write_mode: bool) -> ReqMet
     where = "WRITE-mode prefill leg" if write_mode else "READ-mode decode leg"
     if "transfer_id" not in kv:  # unreachable after update_state_after_alloc's setdefault
         raise EngineCoreFatal(f"{where}: kv_transfer_params has no 'transfer_id' key (KeyError)")
-    peer = peer_zmq_from_request_id(request_id, is_producer=write_mode)
-    if peer is not None:
-        try:
-            host, hs_port, notify_port = parse_zmq_address(peer)
-        except ValueError as e:
-            raise EngineCoreFatal(
-                f"{where}: the X-Request-Id embeds a malformed peer zmq_address ({e})"
-            ) from e
+    embedded = _embedded_peer(request_id, write_mode, where)
+    if embedded is not None:
+        host, hs_port, notify_port = embedded
     else:
         try:
             host = kv["remote_host"]
@@ -372,15 +382,9 @@ def blocks_notify(kv: dict[str, Any], request_id: str, local_rank: int) -> Block
         should_notify = True  # _is_kv_master (single pod)
     if not should_notify:
         return BlocksNotify(None, dp_size if unpinned else 0, remote_dp_rank)
-    peer = peer_zmq_from_request_id(request_id, is_producer=False)
-    if peer is not None:
-        try:
-            host, _, notify_base = parse_zmq_address(peer)
-        except ValueError as e:
-            raise EngineCoreFatal(
-                f"WRITE-mode decode leg: the X-Request-Id embeds a malformed prefill "
-                f"zmq_address ({e})"
-            ) from e
+    embedded = _embedded_peer(request_id, False, "WRITE-mode decode leg")
+    if embedded is not None:
+        host, _, notify_base = embedded
     else:
         host = kv.get("remote_host") or ""
         try:

@@ -104,6 +104,10 @@ def test_add_new_req_prefers_the_sandwich_over_explicit_keys() -> None:
     assert (meta.remote_host, meta.remote_notify_port) == ("10.0.0.2", 7401)
     meta = add_new_req("plain", decode_kv(remote_notify_port="9"), write_mode=False)
     assert meta.remote_notify_port == 9 and meta.remote_dp_size_local == 2
+    bad_decode = f"___prefill_addr_{P_ZMQ}___decode_addr_host:h_{'ab' * 16}"
+    with pytest.raises(EngineCoreFatal, match="malformed decode zmq_address"):
+        add_new_req(bad_decode, decode_kv(), write_mode=True)
+    assert add_new_req(bad_decode, decode_kv(), write_mode=False).remote_notify_port == 6401
 
 
 @pytest.mark.parametrize(
