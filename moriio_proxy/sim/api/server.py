@@ -27,7 +27,7 @@ from .validation import ResponseSpec, parse_request, split
 
 logger = logging.getLogger(__name__)
 
-_MAX_BODY = 64 * 1024 * 1024
+_MAX_BODY = 64 * 1024 * 1024  # long prompts sent as token-id lists make large bodies
 
 
 class OpenAIServer:
