@@ -1,21 +1,17 @@
-"""Fault injection in the simulated vLLM instance (SimFaults), observed from a plain client.
+"""Fault injection (SimFaults) observed from a plain client.
 
 Each fault kind is driven directly with aiohttp (no proxy), so what the proxy's
 failure-semantics tests will see is pinned down here: status codes and error shapes, cut
-streams, stalls, an unreachable-but-heartbeating instance, seeded probabilities and the
-``/sim/*`` control endpoints.
+streams, stalls, an unreachable-but-heartbeating instance and seeded probabilities.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import math
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -23,66 +19,23 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from moriio_proxy import cli
-from moriio_proxy.sim import SimConfig, SimFaults, SimInstance, expected_text
-from tests.unit.test_sim import sim
-
-PROMPT = "the quick brown fox jumps over the lazy dog again and again"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-        yield s
-
-
-def prefill_body(tid: str = "tx-f") -> dict[str, Any]:
-    kv = {
-        "do_remote_decode": True,
-        "do_remote_prefill": False,
-        "transfer_id": tid,
-        "remote_engine_id": None,
-        "remote_block_ids": None,
-    }
-    return {"prompt": PROMPT, "max_tokens": 1, "min_tokens": 1, "kv_transfer_params": kv}
-
-
-async def wait_for(cond: Any, timeout: float = 1.0) -> float:
-    """Poll ``cond()`` until true; returns the seconds it took (fails after ``timeout``)."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - t0
-
-
-def data_lines(raw: bytes) -> list[Any]:
-    out: list[Any] = []
-    for line in raw.decode().splitlines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
-
-async def read_sse(resp: aiohttp.ClientResponse) -> tuple[list[Any], BaseException | None]:
-    """Every SSE event until the stream ends or breaks (and the error it broke with)."""
-    events: list[Any] = []
-    try:
-        async for raw in resp.content:
-            events.extend(data_lines(raw))
-    except aiohttp.ClientPayloadError as e:
-        return events, e
-    return events, None
-
-
-# ------------------------------------------------------------------ status
+from moriio_proxy.sim import SimFaults, expected_text
+from tests.integration.sim.support import (
+    PROMPT,
+    data_lines,
+    prefill_body,
+    prefill_params,
+    read_sse,
+    sim,
+    wait_for,
+)
 
 
 async def test_status_fault_vllm_error_shape(http: aiohttp.ClientSession) -> None:
     async with sim("P", faults=SimFaults(status=503)) as p:
-        async with http.post(p.url + "/v1/completions", json=prefill_body()) as r:
+        async with http.post(
+            p.url + "/v1/completions", json=prefill_body(prefill_params("tx-f"))
+        ) as r:
             assert r.status == 503
             body = await r.json()
         err = body["error"]
@@ -107,9 +60,6 @@ async def test_status_fault_vllm_error_shape(http: aiohttp.ClientSession) -> Non
                 assert r.status == 200, path
         assert p.stats.faults_applied == {"status": 2}
         assert p.stats.errors_4xx == 2
-
-
-# ------------------------------------------------------------------ die_after_tokens
 
 
 async def test_die_after_tokens_cuts_stream_after_exactly_k_chunks(
@@ -150,7 +100,9 @@ async def test_die_after_tokens_prefill_leg_gets_no_response(
 ) -> None:
     async with sim("P", defer_timeout=0.2, faults=SimFaults(die_after_tokens=1)) as p:
         with pytest.raises(aiohttp.ServerDisconnectedError):
-            async with http.post(p.url + "/v1/completions", json=prefill_body("tx-1")) as r:
+            async with http.post(
+                p.url + "/v1/completions", json=prefill_body(prefill_params("tx-1"))
+            ) as r:
                 await r.read()
         # the engine had finished the one token: 0.32 holds the blocks until defer_timeout
         assert p.held_transfers() == 1
@@ -159,15 +111,13 @@ async def test_die_after_tokens_prefill_leg_gets_no_response(
 
         p.faults.die_after_tokens = 0  # cut before any token: the engine request is aborted
         with pytest.raises(aiohttp.ServerDisconnectedError):
-            async with http.post(p.url + "/v1/completions", json=prefill_body("tx-0")) as r:
+            async with http.post(
+                p.url + "/v1/completions", json=prefill_body(prefill_params("tx-0"))
+            ) as r:
                 await r.read()
-        await asyncio.sleep(0.02)
-        assert p.held_transfers() == 0
+        await wait_for(lambda: p.held_transfers() == 0)
         assert p.stats.faults_applied == {"die_after_tokens": 2}
         assert p.stats.completed == 0 and p.dead_reason is None
-
-
-# ------------------------------------------------------------------ stalls
 
 
 async def test_stall_first_byte_forever_then_client_gives_up(
@@ -177,7 +127,7 @@ async def test_stall_first_byte_forever_then_client_gives_up(
         with pytest.raises(asyncio.TimeoutError):
             async with http.post(
                 p.url + "/v1/completions",
-                json=prefill_body(),
+                json=prefill_body(prefill_params("tx-f")),
                 timeout=aiohttp.ClientTimeout(total=0.3),
             ) as r:
                 await r.read()
@@ -240,9 +190,6 @@ async def test_stall_after_tokens_mid_stream(http: aiohttp.ClientSession) -> Non
         assert took < 0.1
         assert d.legs[-1].faults == ["stall_after_tokens"]
         assert d.stats.faults_applied == {"stall_after_tokens": 2}
-
-
-# ------------------------------------------------------------------ refuse_connections
 
 
 async def test_refuse_connections_keeps_heartbeating(http: aiohttp.ClientSession) -> None:
@@ -310,9 +257,6 @@ async def test_refuse_connections_keeps_heartbeating(http: aiohttp.ClientSession
         ctx.term()
 
 
-# ------------------------------------------------------------------ probability
-
-
 async def test_probability_is_seeded_and_repeatable(http: aiohttp.ClientSession) -> None:
     async def pattern(seed: int) -> list[int]:
         faults = SimFaults(status=500, probability=0.5)
@@ -331,104 +275,3 @@ async def test_probability_is_seeded_and_repeatable(http: aiohttp.ClientSession)
     assert 10 <= first.count(500) <= 30
     assert await pattern(7) == first
     assert await pattern(8) != first
-
-
-# ------------------------------------------------------------------ control endpoints
-
-
-async def test_control_endpoints(http: aiohttp.ClientSession) -> None:
-    async with sim("P", control_port=0) as p:
-        assert p.control_url is not None
-        for base in (p.url, p.control_url):
-            async with http.get(base + "/sim/faults") as r:
-                assert await r.json() == SimFaults().to_dict()
-        ctl = p.control_url + "/sim/faults"
-        async with http.post(
-            ctl, json={"stall_first_byte": "inf", "die_after_tokens": 2, "probability": 0.25}
-        ) as r:
-            assert r.status == 200
-            got = await r.json()
-        assert got["stall_first_byte"] == "inf" and got["die_after_tokens"] == 2
-        assert p.faults.stall_first_byte == math.inf and p.faults.probability == 0.25
-        async with http.patch(ctl, json={"stall_after_tokens": [1, "inf"], "status": 502}) as r:
-            got = await r.json()
-        assert got["stall_after_tokens"] == [1, "inf"] and got["die_after_tokens"] == 2
-        assert p.faults.stall_after_tokens == (1, math.inf)
-        async with http.get(p.url + "/sim/faults") as r:
-            assert await r.json() == got
-
-        for bad in ({"bogus": 1}, {"status": 200}, {"stall_first_byte": -1}, [1]):
-            async with http.post(ctl, json=bad) as r:
-                assert r.status == 400, bad
-                err = (await r.json())["error"]
-                assert err["type"] == "BadRequestError" and err["code"] == 400
-        async with http.post(ctl, json={"bogus": 1, "status": 503}) as r:
-            assert "bogus" in (await r.json())["error"]["message"]
-        assert p.faults.status == 502  # a rejected body changes nothing
-
-        async with http.post(ctl, json={}) as r:  # POST replaces: {} clears every fault
-            assert await r.json() == SimFaults().to_dict()
-        async with http.post(p.url + "/v1/completions", json=prefill_body()) as r:
-            assert r.status == 200
-        async with http.get(p.control_url + "/sim/stats") as r:
-            stats = await r.json()
-        assert stats["requests"] == 1 and stats["completed"] == 1
-        assert stats["held_transfers"] == 1 and stats["pending_kv_waiters"] == 0
-        assert stats["dead_reason"] is None and stats["faults_applied"] == {}
-        assert stats["per_rank"] == {"0": 1} and stats["refusing"] is False
-
-
-def test_sim_faults_validation() -> None:
-    with pytest.raises(ValueError, match="unknown fault field"):
-        SimFaults.from_dict({"status_roles": "P"})
-    with pytest.raises(ValueError, match="probability"):
-        SimInstance(SimConfig(role="P", faults=SimFaults(probability=1.5)))
-    f = SimFaults.from_dict({"stall_after_tokens": [3, 2], "stall_first_byte": "Infinity"})
-    assert f.stall_after_tokens == (3, 2.0) and f.stall_first_byte == math.inf
-    assert SimFaults.from_dict(f.to_dict()) == f
-
-
-async def test_cli_flags_map_to_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    import moriio_proxy.sim as sim_module
-
-    seen: list[SimConfig] = []
-
-    async def fake_run_sim(config: SimConfig) -> int:
-        seen.append(config)
-        return 0
-
-    monkeypatch.setattr(sim_module, "run_sim", fake_run_sim)
-    args = cli.build_parser().parse_args(
-        [
-            "sim",
-            "--role",
-            "P",
-            "--fail-status",
-            "503",
-            "--die-after-tokens",
-            "4",
-            "--stall-first-byte",
-            "inf",
-            "--stall-after-tokens",
-            "2:0.5",
-            "--fault-probability",
-            "0.3",
-            "--control-port",
-            "0",
-            "--seed",
-            "11",
-        ]
-    )
-    assert await cli._sim(args) == 0
-    cfg = seen[0]
-    assert cfg.control_port == 0 and cfg.seed == 11
-    assert cfg.faults == SimFaults(
-        status=503,
-        die_after_tokens=4,
-        stall_first_byte=math.inf,
-        stall_after_tokens=(2, 0.5),
-        probability=0.3,
-    )
-    bad = argparse.Namespace(**dict(vars(args), stall_after_tokens="2"))
-    with pytest.raises(ValueError, match="K:S"):
-        await cli._sim(bad)

@@ -1,0 +1,195 @@
+"""vLLM 0.32's answer shapes: the JSON body of a non-streaming request and the SSE stream of
+a streaming one, built from the engine's token events.
+
+The proxy relays these byte for byte, so field names, chunk order, where ``usage`` and
+``kv_transfer_params`` appear, and how an engine death shows up mid-stream all matter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from ..engine.request import StreamSignal, TokenEvent
+from .exchange import Exchange
+from .validation import ResponseSpec
+
+logger = logging.getLogger(__name__)
+
+
+def usage(spec: ResponseSpec, completion_tokens: int) -> dict[str, Any]:
+    prompt = sum(spec.prompt_lens)
+    return {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+
+
+def _json_choice(spec: ResponseSpec, index: int, text: str, final: TokenEvent) -> dict[str, Any]:
+    if spec.chat:
+        return {
+            "index": index,
+            "message": {
+                "role": "assistant",
+                "content": text,
+                "reasoning_content": None,
+                "tool_calls": [],
+            },
+            "logprobs": None,
+            "finish_reason": final.finish_reason,
+            "stop_reason": final.stop_reason,
+        }
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": None,
+        "finish_reason": final.finish_reason,
+        "stop_reason": final.stop_reason,
+        "prompt_logprobs": None,
+    }
+
+
+async def respond_json(ex: Exchange) -> web.Response:
+    """Collect every choice, then answer once (0.32 completion/serving.py shapes)."""
+    spec = ex.spec
+    texts = {ch.index: "" for ch in ex.choices}
+    tokens = {ch.index: 0 for ch in ex.choices}
+    finals: dict[int, TokenEvent] = {}
+    await ex.checkpoint()
+    while len(finals) < len(ex.choices):
+        ev = await ex.next_event()
+        if isinstance(ev, StreamSignal):
+            return ex.failure(ev)
+        texts[ev.index] += ev.delta
+        tokens[ev.index] = ev.n_tokens
+        if ev.final:
+            finals[ev.index] = ev
+        ex.tokens += 1
+        await ex.checkpoint()
+    choices = [_json_choice(spec, ch.index, texts[ch.index], finals[ch.index]) for ch in ex.choices]
+    body: dict[str, Any] = {
+        "id": spec.resp_id,
+        "object": "chat.completion" if spec.chat else "text_completion",
+        "created": spec.created,
+        "model": spec.model,
+        "choices": choices,
+        "usage": dict(usage(spec, sum(tokens.values())), prompt_tokens_details=None),
+        # 0.32 completion/serving.py: final_res_batch[0].kv_transfer_params
+        "kv_transfer_params": finals[ex.choices[0].index].kv_params,
+    }
+    if spec.chat:
+        body["prompt_logprobs"] = None
+    ex.finish(200)
+    return web.json_response(body)
+
+
+class _Sse:
+    """Writes one SSE response: ``data: <json>`` events in vLLM's chunk shapes."""
+
+    def __init__(self, ex: Exchange, resp: web.StreamResponse) -> None:
+        self._spec = ex.spec
+        self._resp = resp
+        self._object = "chat.completion.chunk" if ex.spec.chat else "text_completion"
+
+    async def send(self, payload: dict[str, Any] | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        await self._resp.write(f"data: {data}\n\n".encode())
+
+    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        spec = self._spec
+        return {
+            "id": spec.resp_id,
+            "object": self._object,
+            "created": spec.created,
+            "model": spec.model,
+            "choices": choices,
+        }
+
+    def token_choice(self, ev: TokenEvent) -> dict[str, Any]:
+        if self._spec.chat:
+            return {
+                "index": ev.index,
+                "delta": {"content": ev.delta},
+                "logprobs": None,
+                "finish_reason": ev.finish_reason,
+                "stop_reason": ev.stop_reason,
+            }
+        return {
+            "index": ev.index,
+            "text": ev.delta,
+            "logprobs": None,
+            "finish_reason": ev.finish_reason,
+            "stop_reason": ev.stop_reason,
+        }
+
+    async def role(self, index: int) -> None:
+        """A chat stream opens each choice with the assistant role and empty content."""
+        delta = {"role": "assistant", "content": ""}
+        await self.send(
+            self.chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+        )
+
+
+async def respond_stream(ex: Exchange) -> web.StreamResponse:
+    """Stream token chunks as the engine produces them, then usage and ``[DONE]``.
+
+    Headers go out before the engine runs (vLLM returns its generator first), so an engine
+    death after this point is a 200 followed by an SSE error chunk.
+    """
+    spec = ex.spec
+    resp = web.StreamResponse(
+        status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    sse = _Sse(ex, resp)
+    try:
+        await resp.prepare(ex.request)
+        await ex.checkpoint()
+        role_sent: set[int] = set()
+        tokens = {ch.index: 0 for ch in ex.choices}
+        done: set[int] = set()
+        while len(done) < len(ex.choices):
+            ev = await ex.next_event()
+            if isinstance(ev, StreamSignal):
+                status, err = ex.ended_by(ev)
+                await sse.send(err)
+                await sse.send("[DONE]")
+                await resp.write_eof()
+                ex.finish(status)
+                return resp
+            tokens[ev.index] = ev.n_tokens
+            ex.tokens += 1
+            if spec.chat:
+                if ev.index not in role_sent:
+                    role_sent.add(ev.index)
+                    await sse.role(ev.index)
+                if not ev.delta and not ev.final:
+                    await ex.checkpoint()
+                    continue
+            c = sse.chunk([sse.token_choice(ev)])
+            if spec.continuous_usage:
+                prompt_len = ex.prompt_len(ev.index)
+                c["usage"] = {
+                    "prompt_tokens": prompt_len,
+                    "total_tokens": prompt_len + ev.n_tokens,
+                    "completion_tokens": ev.n_tokens,
+                }
+            await sse.send(c)
+            if ev.final:
+                done.add(ev.index)
+            await ex.checkpoint()
+        if spec.include_usage:
+            await sse.send(dict(sse.chunk([]), usage=usage(spec, sum(tokens.values()))))
+        await sse.send("[DONE]")
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError) as e:
+        # The client went away while we were writing (aiohttp may not have cancelled
+        # the handler yet).
+        logger.debug("%s stream write failed: %r", ex.ledger.tag, e)
+        ex.cancelled()
+        return resp
+    ex.finish(200)
+    return resp
