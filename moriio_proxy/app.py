@@ -20,7 +20,7 @@ from .config import ProxyConfig
 from .disagg import Disaggregator
 from .discovery import make_discovery
 from .metrics import CONTENT_TYPE, Metrics
-from .policies import make_policy
+from .policies import make_decode_policy, make_prefill_policy
 from .protocol import error_body
 from .registry import Entry, Registry
 from .state import ProxyState
@@ -64,8 +64,8 @@ def create_app(config: ProxyConfig) -> Quart:
         registry,
         upstream,
         metrics,
-        prefill_policy=make_policy(config.prefill_policy),
-        decode_policy=make_policy(config.decode_policy),
+        prefill_policy=make_prefill_policy(config.prefill_policy),
+        decode_policy=make_decode_policy(config.decode_policy),
         max_retries=config.max_retries,
         retry_backoff=config.retry_backoff,
         request_timeout=config.request_timeout,
