@@ -9,10 +9,12 @@ import pytest
 
 from moriio_proxy.policies import (
     EMPTY,
+    CacheAware,
     LeastLoaded,
     Ranked,
     RankPicker,
     RoundRobin,
+    SessionAffinity,
     Target,
     make_decode_policy,
     make_prefill_policy,
@@ -79,8 +81,10 @@ def test_least_loaded_single_candidate():
 
 def test_make_decode_policy():
     assert isinstance(make_decode_policy("round_robin"), RoundRobin)
-    assert isinstance(make_decode_policy("least_loaded", random.Random(0)), LeastLoaded)
+    assert isinstance(make_decode_policy("least_loaded", rng=random.Random(0)), LeastLoaded)
     assert make_decode_policy("least_loaded").name == "least_loaded"
+    assert make_decode_policy("cache_aware").name == "cache_aware"
+    assert make_decode_policy("session").name == "session"
     with pytest.raises(ValueError):
         make_decode_policy("random")
 
@@ -89,6 +93,10 @@ def test_make_prefill_policy():
     for name, kind in (("round_robin", Ranked), ("least_loaded", Ranked)):
         policy = make_prefill_policy(name)
         assert isinstance(policy, kind) and policy.name == name
+    assert isinstance(make_prefill_policy("cache_aware"), CacheAware)
+    assert isinstance(make_prefill_policy("session"), SessionAffinity)
+    assert make_prefill_policy("cache_aware").reads == {"text"}
+    assert make_prefill_policy("session").reads == {"session"}
     assert make_prefill_policy("least_loaded").reads == set()
     with pytest.raises(ValueError):
         make_prefill_policy("random")
