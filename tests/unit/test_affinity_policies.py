@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,7 @@ from moriio_proxy.protocol import parse_client_request
 from moriio_proxy.registry import Entry
 from tests.unit.entries import entry
 
+ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 16
 SETTINGS = PolicySettings(bound=LoadBound(abs_threshold=4, rel_threshold=1.5), block_chars=BLOCK)
 
@@ -273,7 +275,8 @@ def test_session_owners_are_the_same_in_every_process():
     outputs = {
         subprocess.run(
             [sys.executable, "-c", program],
-            env={"PYTHONHASHSEED": seed, "PYTHONPATH": "."},
+            env={"PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
             capture_output=True,
             text=True,
             check=True,
