@@ -23,7 +23,7 @@ from .disagg import Disaggregator
 from .discovery import DiscoverySource, make_discovery
 from .discovery.mirror import fleet_inflight_of
 from .metrics import CONTENT_TYPE, Metrics
-from .policies import make_policy
+from .policies import LoadBound, PolicySettings, make_decode_policy, make_prefill_policy
 from .protocol import error_body
 from .registry import Entry, Registry
 from .state import ProxyState, build_registry
@@ -62,12 +62,17 @@ def create_app(config: ProxyConfig, discovery: DiscoveryFactory | None = None) -
         )
     )
     source = (discovery or partial(make_discovery, config))(registry, metrics)
+    policy_settings = PolicySettings(
+        bound=LoadBound(config.balance_abs_threshold, config.balance_rel_threshold),
+        block_chars=config.cache_block_chars,
+        max_blocks=config.cache_max_blocks,
+    )
     disagg = Disaggregator(
         registry,
         upstream,
         metrics,
-        prefill_policy=make_policy(config.prefill_policy),
-        decode_policy=make_policy(config.decode_policy),
+        prefill_policy=make_prefill_policy(config.prefill_policy, policy_settings),
+        decode_policy=make_decode_policy(config.decode_policy, policy_settings),
         max_retries=config.max_retries,
         retry_backoff=config.retry_backoff,
         request_timeout=config.request_timeout,

@@ -61,6 +61,7 @@ class CompletionsEndpoint:
     def __init__(self, proxy: ProxyState, fallback: ASGIApp) -> None:
         self.proxy = proxy
         self.fallback = fallback
+        self._session_header = proxy.config.session_header.lower().encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
@@ -75,7 +76,7 @@ class CompletionsEndpoint:
     async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         proxy, metrics = self.proxy, self.proxy.metrics
-        request_id, length = _headers(scope)
+        request_id, length, session = _headers(scope, self._session_header)
         suffix = client_id(request_id)
         headers = [(b"x-request-id", suffix.encode())]
         if proxy.draining:
@@ -104,7 +105,7 @@ class CompletionsEndpoint:
 
         watcher = _DisconnectWatcher(receive)
         try:
-            await self._answer(endpoint, parsed, suffix, headers, started, send)
+            await self._answer(endpoint, parsed, suffix, session, headers, started, send)
         finally:
             watcher.stop()
 
@@ -113,6 +114,7 @@ class CompletionsEndpoint:
         endpoint: Endpoint,
         parsed: Any,
         suffix: str,
+        session: str | None,
         headers: list[tuple[bytes, bytes]],
         started: float,
         send: Send,
@@ -132,7 +134,7 @@ class CompletionsEndpoint:
                 metrics.request_seconds.labels(endpoint).observe(time.monotonic() - started)
 
         try:
-            answer = await proxy.disagg.handle(parsed, suffix)
+            answer = await proxy.disagg.handle(parsed, suffix, session)
         except ProxyError as exc:
             finish("no_instances" if exc.status == 503 else f"error_{exc.status}")
             extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
@@ -202,10 +204,11 @@ class _DisconnectWatcher:
         self._task.cancel()
 
 
-def _headers(scope: Scope) -> tuple[str | None, int | None]:
-    """The client's X-Request-Id and Content-Length, in one pass over the headers."""
+def _headers(scope: Scope, session_header: bytes) -> tuple[str | None, int | None, str | None]:
+    """The client's X-Request-Id, Content-Length and session header, in one pass."""
     request_id: str | None = None
     length: int | None = None
+    session: str | None = None
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             request_id = value.decode("latin-1")
@@ -214,7 +217,9 @@ def _headers(scope: Scope) -> tuple[str | None, int | None]:
                 length = int(value)
             except ValueError:
                 length = None
-    return request_id, length
+        elif name == session_header:
+            session = value.decode("latin-1")
+    return request_id, length, session
 
 
 async def _read_body(receive: Receive, length: int | None, limit: int) -> bytes | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,6 +26,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # here, where the options are, and used as defaults by discovery.kubernetes.source.
 DEFAULT_PREFILL_SELECTOR = "moriio.io/role=prefill"
 DEFAULT_DECODE_SELECTOR = "moriio.io/role=decode"
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")  # an RFC 9110 token
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,11 @@ class ProxyConfig:
     transfer_mode: Literal["auto", "READ", "WRITE"] = "auto"
     prefill_policy: str = "least_loaded"
     decode_policy: str = "least_loaded"
+    balance_abs_threshold: int = 8
+    balance_rel_threshold: float = 1.5
+    cache_block_chars: int = 128
+    cache_max_blocks: int = 1 << 18
+    session_header: str = "X-Session-ID"
     connect_timeout: float = 5.0
     prefill_timeout: float = 300.0
     decode_first_byte_timeout: float = 300.0
@@ -129,6 +136,20 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
     return parse
 
 
+def _ratio(text: Any) -> float:
+    value = float(_number(text))
+    if not value >= 1 or value == float("inf"):
+        raise ValueError("must be a number, 1 or more")
+    return value
+
+
+def _header_name(text: Any) -> str:
+    value = str(text).strip()
+    if not _HEADER_NAME_RE.fullmatch(value):
+        raise ValueError("must be an HTTP header name such as X-Session-ID")
+    return value
+
+
 def _networks(text: Any) -> tuple[Network, ...]:
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     try:
@@ -201,8 +222,44 @@ OPTIONS: tuple[Option, ...] = (
         _choice("auto", "READ", "WRITE"),
         "pin the KV transfer mode (auto: the first instance's mode)",
     ),
-    Option("prefill_policy", _choice(*POLICIES), "how the prefill instance is chosen"),
-    Option("decode_policy", _choice(*POLICIES), "how the decode instance is chosen"),
+    Option(
+        "prefill_policy",
+        _choice(*POLICIES),
+        f"how the prefill instance and DP rank are chosen: {', '.join(POLICIES)}",
+    ),
+    Option(
+        "decode_policy",
+        _choice(*POLICIES),
+        f"how the decode instance is chosen: {', '.join(POLICIES)}",
+    ),
+    Option(
+        "balance_abs_threshold",
+        _non_negative_int,
+        "cache_aware/session: the preferred target gives way to the least loaded when its "
+        "in-flight legs exceed the least loaded's by more than this many (and by the ratio)",
+    ),
+    Option(
+        "balance_rel_threshold",
+        _ratio,
+        "cache_aware/session: ...and are more than this many times the least loaded's",
+    ),
+    Option(
+        "cache_block_chars",
+        _positive_int,
+        "cache_aware: characters per indexed prompt block (4 bytes per token for token "
+        "prompts); shorter prompts are not indexed",
+    ),
+    Option(
+        "cache_max_blocks",
+        _positive_int,
+        "cache_aware: prompt blocks remembered, least recently used evicted first "
+        "(about 140 bytes each)",
+    ),
+    Option(
+        "session_header",
+        _header_name,
+        "session: request header naming the session (else the body's 'user' field)",
+    ),
     Option("connect_timeout", _positive_float, "seconds to open an upstream connection"),
     Option("prefill_timeout", _positive_float, "seconds for the whole prefill leg"),
     Option(

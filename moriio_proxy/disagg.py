@@ -22,7 +22,7 @@ import orjson
 
 from .compat import timeout_after
 from .metrics import Metrics
-from .policies import Policy, RankPicker
+from .policies import DecodePolicy, PrefillPolicy, RoutingContext, routing_context
 from .protocol import (
     ClientRequest,
     Instance,
@@ -124,8 +124,8 @@ class Disaggregator:
         upstream: Upstream,
         metrics: Metrics,
         *,
-        prefill_policy: Policy,
-        decode_policy: Policy,
+        prefill_policy: PrefillPolicy,
+        decode_policy: DecodePolicy,
         max_retries: int,
         retry_backoff: float = 0.05,
         request_timeout: float = 1800.0,
@@ -140,24 +140,29 @@ class Disaggregator:
         self.retry_backoff = retry_backoff
         self.request_timeout = request_timeout
         self.release_grace = release_grace
-        self.ranks = RankPicker()
+        self._reads = prefill_policy.reads | decode_policy.reads
         # Strong references to fire-and-forget work (KV release after a disconnect).
         self._background = BackgroundTasks()
         registry.instance_removed.connect(self._forget, sender=registry, weak=False)
 
     def _forget(self, _sender: Any, entry: Entry, **_: Any) -> None:
-        self.ranks.forget([entry.instance.key])
+        self.prefill_policy.forget(entry.instance.key)
+        self.decode_policy.forget(entry.instance.key)
 
-    async def handle(self, request: ClientRequest, public_suffix: str) -> JsonAnswer | StreamAnswer:
+    async def handle(
+        self, request: ClientRequest, public_suffix: str, session: str | None = None
+    ) -> JsonAnswer | StreamAnswer:
         """Serve one client request; raise ProxyError for anything the client must be told.
 
-        Everything up to the first byte runs under the request's end-to-end deadline; the
-        stream after it carries the same deadline into the relay.
+        ``session`` is the client's session header, for session affinity. Everything up
+        to the first byte runs under the request's end-to-end deadline; the stream after
+        it carries the same deadline into the relay.
         """
         deadline = time.monotonic() + self.request_timeout
+        context = routing_context(request, session, self._reads)
         try:
             async with timeout_after(self.request_timeout):
-                return await self._serve(request, public_suffix, deadline)
+                return await self._serve(request, public_suffix, deadline, context)
         except asyncio.TimeoutError:
             self.metrics.upstream_errors.labels("request", "deadline").inc()
             raise ProxyError(
@@ -165,7 +170,7 @@ class Disaggregator:
             ) from None
 
     async def _serve(
-        self, request: ClientRequest, suffix: str, deadline: float
+        self, request: ClientRequest, suffix: str, deadline: float, context: RoutingContext
     ) -> JsonAnswer | StreamAnswer:
         """Try pairs until one answers. A failure before any byte reached the client is
         retried on a fresh pair without the failed instance, up to ``max_retries`` times
@@ -173,7 +178,7 @@ class Disaggregator:
         """
         excluded: set[tuple[str, str]] = set()
         attempt = 0
-        pair = self._choose(excluded)
+        pair = self._choose(excluded, context)
         while True:
             try:
                 return await self._attempt(request, pair, suffix, deadline)
@@ -183,7 +188,7 @@ class Disaggregator:
                     raise _client_error(failure, suffix) from None
                 excluded.add(failure.entry.instance.key)
                 try:
-                    pair = self._choose(excluded)
+                    pair = self._choose(excluded, context)
                 except ProxyError:  # no fresh pair: the failure is the better answer
                     raise _client_error(failure, suffix) from None
                 attempt += 1
@@ -217,7 +222,7 @@ class Disaggregator:
 
     # ------------------------------------------------------------------ choosing a pair
 
-    def _choose(self, excluded: set[tuple[str, str]]) -> _Pair:
+    def _choose(self, excluded: set[tuple[str, str]], context: RoutingContext) -> _Pair:
         prefills = [e for e in self.registry.routable("P") if e.instance.key not in excluded]
         decodes = [e for e in self.registry.routable("D") if e.instance.key not in excluded]
         if not prefills or not decodes:
@@ -230,9 +235,9 @@ class Disaggregator:
                 "with MoRIIOConnector and proxy_ip/proxy_ping_port pointing at this proxy",
                 headers={"Retry-After": "1"},
             )
-        prefill = self.prefill_policy.choose(prefills)
-        decode = self.decode_policy.choose(decodes)
-        return _Pair(prefill, self.ranks.pick(prefill), decode)
+        target = self.prefill_policy.choose(prefills, context)
+        decode = self.decode_policy.choose(decodes, context)
+        return _Pair(target.entry, target.rank, decode)
 
     # ---------------------------------------------------------------------- one attempt
 

@@ -6,6 +6,8 @@ import random
 from collections.abc import Sequence
 
 from ..registry import Entry
+from .context import Read, RoutingContext
+from .targets import InstanceKey
 
 
 class LeastLoaded:
@@ -16,13 +18,17 @@ class LeastLoaded:
     """
 
     name = "least_loaded"
+    reads: frozenset[Read] = frozenset()
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def choose(self, candidates: Sequence[Entry]) -> Entry:
+    def choose(self, candidates: Sequence[Entry], context: RoutingContext) -> Entry:
         if len(candidates) == 1:
             return candidates[0]
         first, second = self._rng.sample(range(len(candidates)), 2)
         a, b = candidates[first], candidates[second]
         return a if a.total_inflight <= b.total_inflight else b
+
+    def forget(self, key: InstanceKey) -> None:
+        """Nothing per instance: loads live in the registry."""

@@ -86,6 +86,30 @@ def test_values_are_parsed_to_their_types():
     assert config.log_level == "debug"
 
 
+def test_affinity_policies_and_their_settings_from_a_file_and_flags(tmp_path):
+    path = write_yaml(
+        tmp_path,
+        "prefill_policy: cache_aware\n"
+        "decode_policy: Session\n"
+        "balance_abs_threshold: 16\n"
+        "balance_rel_threshold: 2\n"
+        "cache_block_chars: 64\n"
+        "cache_max_blocks: 1000\n"
+        "session_header: X-Conversation-Id\n",
+    )
+    config = load_config({"cache_max_blocks": "5000"}, env={}, config_file=path)
+    assert config.prefill_policy == "cache_aware"
+    assert config.decode_policy == "session"
+    assert config.balance_abs_threshold == 16
+    assert config.balance_rel_threshold == 2.0
+    assert config.cache_block_chars == 64
+    assert config.cache_max_blocks == 5000  # the flag wins over the file
+    assert config.session_header == "X-Conversation-Id"
+    defaults = load_config({}, env={})
+    assert (defaults.prefill_policy, defaults.decode_policy) == ("least_loaded", "least_loaded")
+    assert defaults.session_header == "X-Session-ID"
+
+
 BAD_VALUES = [
     ("port", "abc"),
     ("port", "70000"),
@@ -108,6 +132,13 @@ BAD_VALUES = [
     ("prefill_policy", "random"),
     ("decode_policy", "fastest"),
     ("log_level", "verbose"),
+    ("balance_abs_threshold", "-1"),
+    ("balance_rel_threshold", "0.5"),
+    ("balance_rel_threshold", "inf"),
+    ("cache_block_chars", "0"),
+    ("cache_max_blocks", "0"),
+    ("session_header", "X Session"),
+    ("session_header", "bad:header"),
     ("discovery_allow", "10.0.0.0/33"),
     ("discovery_allow", "not-a-network"),
     ("discovery_allow", "10.0.0.0/8, "),

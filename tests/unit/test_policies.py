@@ -7,46 +7,40 @@ from collections import Counter
 
 import pytest
 
-from moriio_proxy.policies import LeastLoaded, RankPicker, RoundRobin, make_policy
+from moriio_proxy.policies import (
+    EMPTY,
+    CacheAware,
+    LeastLoaded,
+    Ranked,
+    RankPicker,
+    RoundRobin,
+    SessionAffinity,
+    Target,
+    make_decode_policy,
+    make_prefill_policy,
+)
 from moriio_proxy.protocol import Instance
-from moriio_proxy.registry import Entry
-
-
-def entry(n: int, dp_size: int = 1, inflight: list[int] | None = None) -> Entry:
-    instance = Instance(
-        role="P",
-        http_address=f"10.0.0.{n}:20005",
-        kv_host=f"10.0.0.{n}",
-        handshake_port=6301,
-        notify_port=61005,
-        dp_size=dp_size,
-        tp_size=1,
-        transfer_mode="READ",
-    )
-    made = Entry(instance, first_seen=0.0, last_seen=0.0)
-    if inflight is not None:
-        made.inflight = list(inflight)
-    return made
+from tests.unit.entries import entry
 
 
 def test_round_robin_cycles():
     a, b, c = entry(1), entry(2), entry(3)
     policy = RoundRobin()
-    assert [policy.choose([a, b, c]) for _ in range(7)] == [a, b, c, a, b, c, a]
+    assert [policy.choose([a, b, c], EMPTY) for _ in range(7)] == [a, b, c, a, b, c, a]
 
 
 def test_round_robin_ignores_load():
     busy, idle = entry(1, inflight=[9]), entry(2)
     policy = RoundRobin()
-    assert [policy.choose([busy, idle]) for _ in range(4)] == [busy, idle, busy, idle]
+    assert [policy.choose([busy, idle], EMPTY) for _ in range(4)] == [busy, idle, busy, idle]
 
 
 def test_round_robin_copes_with_a_shrinking_candidate_list():
     a, b, c = entry(1), entry(2), entry(3)
     policy = RoundRobin()
-    policy.choose([a, b, c])
-    policy.choose([a, b, c])
-    assert policy.choose([a]) is a
+    policy.choose([a, b, c], EMPTY)
+    policy.choose([a, b, c], EMPTY)
+    assert policy.choose([a], EMPTY) is a
 
 
 @pytest.mark.parametrize("order", ["busy_first", "idle_first"])
@@ -54,20 +48,21 @@ def test_least_loaded_prefers_the_less_loaded_of_two(order):
     busy, idle = entry(1, inflight=[5]), entry(2, inflight=[1])
     candidates = [busy, idle] if order == "busy_first" else [idle, busy]
     policy = LeastLoaded(random.Random(1234))
-    assert all(policy.choose(candidates) is idle for _ in range(100))
+    assert all(policy.choose(candidates, EMPTY) is idle for _ in range(100))
 
 
 def test_least_loaded_counts_every_dp_rank():
     # 2 in flight spread over ranks beats 3 on one rank.
     spread, piled = entry(1, dp_size=2, inflight=[1, 1]), entry(2, dp_size=2, inflight=[0, 3])
     policy = LeastLoaded(random.Random(7))
-    assert all(policy.choose([piled, spread]) is spread for _ in range(50))
+    assert all(policy.choose([piled, spread], EMPTY) is spread for _ in range(50))
 
 
 def test_least_loaded_never_picks_the_busiest_and_spreads_over_the_rest():
     idle1, idle2, busy = entry(1), entry(2), entry(3, inflight=[4])
     policy = LeastLoaded(random.Random(42))
-    picks = Counter(policy.choose([idle1, idle2, busy]).instance.http_address for _ in range(300))
+    candidates = [idle1, idle2, busy]
+    picks = Counter(policy.choose(candidates, EMPTY).instance.http_address for _ in range(300))
     assert busy.instance.http_address not in picks
     assert set(picks) == {idle1.instance.http_address, idle2.instance.http_address}
 
@@ -75,21 +70,44 @@ def test_least_loaded_never_picks_the_busiest_and_spreads_over_the_rest():
 def test_least_loaded_spreads_equal_loads():
     a, b = entry(1), entry(2)
     policy = LeastLoaded(random.Random(3))
-    picks = Counter(policy.choose([a, b]) is a for _ in range(200))
+    picks = Counter(policy.choose([a, b], EMPTY) is a for _ in range(200))
     assert picks[True] > 0 and picks[False] > 0
 
 
 def test_least_loaded_single_candidate():
     only = entry(1, inflight=[100])
-    assert LeastLoaded(random.Random(0)).choose([only]) is only
+    assert LeastLoaded(random.Random(0)).choose([only], EMPTY) is only
 
 
-def test_make_policy():
-    assert isinstance(make_policy("round_robin"), RoundRobin)
-    assert isinstance(make_policy("least_loaded", random.Random(0)), LeastLoaded)
-    assert make_policy("least_loaded").name == "least_loaded"
+def test_make_decode_policy():
+    assert isinstance(make_decode_policy("round_robin"), RoundRobin)
+    assert isinstance(make_decode_policy("least_loaded", rng=random.Random(0)), LeastLoaded)
+    assert make_decode_policy("least_loaded").name == "least_loaded"
+    assert make_decode_policy("cache_aware").name == "cache_aware"
+    assert make_decode_policy("session").name == "session"
     with pytest.raises(ValueError):
-        make_policy("random")
+        make_decode_policy("random")
+
+
+def test_make_prefill_policy():
+    for name, kind in (("round_robin", Ranked), ("least_loaded", Ranked)):
+        policy = make_prefill_policy(name)
+        assert isinstance(policy, kind) and policy.name == name
+    assert isinstance(make_prefill_policy("cache_aware"), CacheAware)
+    assert isinstance(make_prefill_policy("session"), SessionAffinity)
+    assert make_prefill_policy("cache_aware").reads == {"text"}
+    assert make_prefill_policy("session").reads == {"session"}
+    assert make_prefill_policy("least_loaded").reads == set()
+    with pytest.raises(ValueError):
+        make_prefill_policy("random")
+
+
+def test_prefill_round_robin_picks_ranks_like_rank_picker():
+    # Instances in turn, and on each its least busy rank in rotation, as before.
+    a, b = entry(1, dp_size=2), entry(2, dp_size=2)
+    policy = make_prefill_policy("round_robin")
+    picks = [policy.choose([a, b], EMPTY) for _ in range(4)]
+    assert picks == [Target(a, 0), Target(b, 0), Target(a, 1), Target(b, 1)]
 
 
 def test_rank_picker_spreads_sequential_picks_over_all_ranks():
