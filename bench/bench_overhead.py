@@ -38,7 +38,7 @@ from bench.overhead import profile as pyspy  # noqa: E402
 from bench.overhead import vllm_router  # noqa: E402
 from bench.overhead.cells import Cell, Measurement, Settings, run_cell, summarize  # noqa: E402
 from bench.overhead.loadgen import Window  # noqa: E402
-from bench.overhead.report import compare_with_floor, markdown  # noqa: E402
+from bench.overhead.report import compare_with_floor, markdown, summary  # noqa: E402
 from bench.overhead.targets import (  # noqa: E402
     Target,
     start_floor,
@@ -286,6 +286,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     finally:
         pool.close()
     report["warnings"] += compare_with_floor(report["results"])
+    report["summary"] = summary(report["results"])
     for row in report["results"]:
         if row["errors_total"]:
             report["warnings"].append(

@@ -233,41 +233,39 @@ class _User:
         prefill = build_prefill_leg(
             prompt.request, p, d, transfer_id=transfer_id, request_id=request_id, dp_rank=0
         )
-        if job.mode == "WRITE":
-            decode = build_decode_leg(
+
+        def decode_leg(params: Any) -> bytes:
+            leg = build_decode_leg(
                 prompt.request,
                 p,
                 d,
-                mode="WRITE",
+                mode=job.mode,
                 transfer_id=transfer_id,
                 request_id=request_id,
                 dp_rank=0,
+                prefill_params=params,
             )
+            return _encode_leg(leg, d)
+
+        if job.mode == "WRITE":  # both legs at once: decode's params do not wait for P's
             p_resp, d_resp = await asyncio.gather(
                 self.conns["P"].request(_encode_leg(prefill, p)),
-                self.conns["D"].request(_encode_leg(decode, d)),
+                self.conns["D"].request(decode_leg(None)),
             )
-            if p_resp.status != 200:
-                raise _LegError(f"prefill_http_{p_resp.status}", p_resp.body[:300].decode())
+            _check_prefill(p_resp)
             return started, d_resp
         p_resp = await self.conns["P"].request(_encode_leg(prefill, p))
-        if p_resp.status != 200:
-            raise _LegError(f"prefill_http_{p_resp.status}", p_resp.body[:300].decode())
+        _check_prefill(p_resp)
         params = json.loads(p_resp.body).get("kv_transfer_params")
         problem = check_read_params(params, transfer_id)
         if problem is not None:
             raise _LegError("prefill_params", problem)
-        decode = build_decode_leg(
-            prompt.request,
-            p,
-            d,
-            mode="READ",
-            transfer_id=transfer_id,
-            request_id=request_id,
-            dp_rank=0,
-            prefill_params=params,
-        )
-        return started, await self.conns["D"].request(_encode_leg(decode, d))
+        return started, await self.conns["D"].request(decode_leg(params))
+
+
+def _check_prefill(resp: Response) -> None:
+    if resp.status != 200:
+        raise _LegError(f"prefill_http_{resp.status}", resp.body[:300].decode("utf-8", "replace"))
 
 
 class _LegError(Exception):

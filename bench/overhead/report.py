@@ -37,6 +37,37 @@ def compare_with_floor(rows: list[dict[str, Any]]) -> list[str]:
     return warnings
 
 
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table's figures alone, one flat record per row: what a later run is diffed against
+    (the rows keep the detail; a profile, when run, is kept apart under "profile")."""
+    return [
+        {
+            "target": r["target"],
+            "mode": r["mode"],
+            "stream": r["stream"],
+            "concurrency": r["concurrency"],
+            "req_per_s": r["req_per_s"],
+            "p50_ms": r["latency_ms"]["p50"],
+            "p99_ms": r["latency_ms"]["p99"],
+            "ttft_p50_ms": r["ttft_ms"]["p50"] if r["ttft_ms"] else None,
+            "added_p50_ms_over_floor": r["added_p50_ms_over_floor"],
+            "cpu_ms_per_req": r["cpu"]["target_ms_per_req"],
+            "harness_cpu_ms_per_req": _harness(r["cpu"]),
+            "others_cores": r["cpu"]["others_cores"],
+            "errors": r["errors_total"],
+            "id_leaks": r["id_leaks"],
+        }
+        for r in rows
+    ]
+
+
+def _harness(cpu: dict[str, Any]) -> float | None:
+    """CPU per request of the simulators and load generator together."""
+    if cpu["sims_ms_per_req"] is None or cpu["loadgen_ms_per_req"] is None:
+        return None
+    return round(float(cpu["sims_ms_per_req"]) + float(cpu["loadgen_ms_per_req"]), 3)
+
+
 def _cell(row: dict[str, Any]) -> str:
     stream = "stream" if row["stream"] else "non-stream"
     return f"{row['mode']} {stream} c={row['concurrency']}"
@@ -69,6 +100,11 @@ def _rate(row: dict[str, Any]) -> str:
     return f"{row['req_per_s']:.1f} ({min(rounds):.0f}-{max(rounds):.0f})"
 
 
+def _cell_columns(r: dict[str, Any]) -> str:
+    """The first four columns of both tables: target, mode, stream, c."""
+    return f"| {r['target']} | {r['mode']} | {'yes' if r['stream'] else 'no'} | {r['concurrency']} "
+
+
 def results_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| target | mode | stream | c | req/s | p50 ms | p99 ms | TTFT p50 ms "
@@ -79,8 +115,7 @@ def results_table(rows: list[dict[str, Any]]) -> list[str]:
         added = r["added_p50_ms_over_floor"]
         ttft = r["ttft_ms"]["p50"] if r["ttft_ms"] else None
         lines.append(
-            f"| {r['target']} | {r['mode']} | {'yes' if r['stream'] else 'no'} "
-            f"| {r['concurrency']} | {_rate(r)} "
+            f"{_cell_columns(r)}| {_rate(r)} "
             f"| {_num(r['latency_ms']['p50'], '{:.2f}')} "
             f"| {_num(r['latency_ms']['p99'], '{:.2f}')} "
             f"| {'—' if ttft is None else f'{ttft:.2f}'} "
@@ -102,12 +137,9 @@ def cpu_table(rows: list[dict[str, Any]]) -> list[str]:
         by_role = {"P": 0.0, "D": 0.0}
         for sim in cpu["sims"]:
             by_role[sim["sim"][0]] += sim["cores"]
-        harness = None
-        if cpu["sims_ms_per_req"] is not None and cpu["loadgen_ms_per_req"] is not None:
-            harness = cpu["sims_ms_per_req"] + cpu["loadgen_ms_per_req"]
+        harness = _harness(cpu)
         lines.append(
-            f"| {r['target']} | {r['mode']} | {'yes' if r['stream'] else 'no'} "
-            f"| {r['concurrency']} | {_num(cpu['target_cores'], '{:.2f}')} "
+            f"{_cell_columns(r)}| {_num(cpu['target_cores'], '{:.2f}')} "
             f"| {by_role['P']:.2f} / {by_role['D']:.2f} | {cpu['loadgen_cores']:.2f} "
             f"| {cpu['machine_busy_cores']:.2f} | {cpu['others_cores']:.2f} "
             f"| {_num(harness, '{:.2f}')} | {'; '.join(r['saturated']) or '—'} |"
