@@ -19,6 +19,7 @@ writes the committed bench/results/overhead.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -53,6 +54,7 @@ RESULTS = ROOT / "bench" / "results"
 TARGETS = ("floor", "moriio-proxy", "vllm-router")
 # (warm-up s, window s, rounds): 18 cells x 3 targets x 3 rounds of ~6.5 s = about 6 minutes
 DEFAULT_TIMES = (2.0, 4.0, 3)
+MAX_RESTARTS = 2  # per target and mode: relaunches after one of its processes exited
 QUICK_TIMES = (1.0, 3.0, 1)
 
 
@@ -319,24 +321,43 @@ def run_mode(
                 print(f"!!! {name} ({mode}) did not start, SKIPPED:\n{exc}", flush=True)
         cells = [Cell(mode, s, c) for c in args.concurrencies for s in args.streams]
         rounds: dict[tuple[Cell, str], list[Measurement]] = {}
-        dead: set[str] = set()
+        restarts = {t.name: 0 for t in targets}
         for r in range(args.rounds):
             for n, cell in enumerate(cells):
                 print(f"{cell.label}, round {r + 1}/{args.rounds}", flush=True)
                 # Alternate the order so a drift on the machine favours no target.
-                for target in targets if (n + r) % 2 == 0 else targets[::-1]:
-                    if target.name in dead:
-                        continue
-                    if not target.alive():
-                        dead.add(target.name)
-                        report["skipped"].append(
-                            f"{target.name} {mode}, from {cell.label} round {r + 1} on: "
-                            f"its processes died (logs in {logs})"
+                order = list(range(len(targets)))
+                for i in order if (n + r) % 2 == 0 else order[::-1]:
+                    where = f"{targets[i].name} {cell.label} round {r + 1}"
+                    while True:
+                        target = targets[i]
+                        if target.name not in restarts:  # gave up on it
+                            break
+                        m = run_cell(pool, target, cell, settings) if target.alive() else None
+                        if m is not None and target.alive():
+                            rounds.setdefault((cell, target.name), []).append(m)
+                            print_round(target.name, m, settings)
+                            break
+                        # One of its processes exited (on a shared machine, someone else's
+                        # cleanup may kill it): a window it was not in counts for nothing.
+                        print(f"!!! {where}: a process of it exited; restarting", flush=True)
+                        target.stop()
+                        restarts[target.name] += 1
+                        fresh = None
+                        if restarts[target.name] <= MAX_RESTARTS:
+                            with contextlib.suppress(StartError):
+                                fresh = start_target(target.name, mode, args, logs, router_path)
+                        if fresh is None:
+                            del restarts[target.name]
+                            report["skipped"].append(
+                                f"{where} and after: its processes kept exiting (logs in {logs})"
+                            )
+                            break
+                        targets[i] = fresh
+                        report["warnings"].append(
+                            f"{where}: a process of it exited during the window; restarted "
+                            "with fresh simulators and measured again"
                         )
-                        continue
-                    m = run_cell(pool, target, cell, settings)
-                    rounds.setdefault((cell, target.name), []).append(m)
-                    print_round(target.name, m, settings)
                     time.sleep(0.3)
         for cell in cells:
             for target in targets:
@@ -355,7 +376,7 @@ def run_mode(
                 "log": str(target.log) if target.log else None,
                 "sim_requests": {s["url"]: [s["role"], s.get("requests")] for s in stats},
             }
-            idle = [s["url"] for s in stats if not s.get("requests")]
+            idle = [s["url"] for s in stats if s.get("requests") == 0]
             if idle:  # a target that never used an instance was not measured as configured
                 report["warnings"].append(
                     f"{target.name} {mode}: simulated instance(s) {', '.join(idle)} "
@@ -365,9 +386,9 @@ def run_mode(
         for target in targets:
             target.stop()
     # cells are sorted per table: floor first within each cell, then the proxies
-    order = {name: i for i, name in enumerate(TARGETS)}
+    rank = {name: i for i, name in enumerate(TARGETS)}
     report["results"].sort(
-        key=lambda r: (r["mode"], r["concurrency"], r["stream"], order[r["target"]])
+        key=lambda r: (r["mode"], r["concurrency"], r["stream"], rank[r["target"]])
     )
 
 
