@@ -36,6 +36,16 @@ class StartError(RuntimeError):
     """A process exited or never announced itself; the message carries its log's tail."""
 
 
+def fresh_log(log: Path) -> Path:
+    """``log``, or ``log`` with a number added when it exists: a relaunch keeps the old log."""
+    n = 1
+    candidate = log
+    while candidate.exists():
+        candidate = log.with_name(f"{log.stem}.{n}{log.suffix}")
+        n += 1
+    return candidate
+
+
 def spawn(args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
     """Start ``args`` with stdout and stderr to ``log`` (the log is also how ports are read)."""
     handle = log.open("wb")
@@ -104,6 +114,7 @@ def start_proxy(log: Path, extra: Sequence[str] = (), timeout: float = 30.0) -> 
     It must log at info level or above for those two lines; no per-request line is logged
     at info, so this is also the level the proxy runs at by default.
     """
+    log = fresh_log(log)
     args = [
         sys.executable, "-m", "moriio_proxy", "serve", "--host", "127.0.0.1", "--port", "0",
         "--discovery-host", "127.0.0.1", "--discovery-port", "0", *extra,
@@ -137,6 +148,7 @@ def start_sim(
     timeout: float = 30.0,
 ) -> SimProcess:
     """``moriio-proxy sim`` on ports it binds itself; ``proxy=None``: no heartbeats at all."""
+    log = fresh_log(log)
     args = [
         sys.executable, "-m", "moriio_proxy", "sim", "--role", role, "--mode", mode,
         "--host", "127.0.0.1", "--port", "0", "--proxy", proxy or "",

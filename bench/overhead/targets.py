@@ -30,6 +30,7 @@ from moriio_proxy.protocol import Instance, parse_registration
 from ..processes import (
     SimProcess,
     StartError,
+    fresh_log,
     log_tail,
     spawn,
     start_proxy,
@@ -163,8 +164,8 @@ def start_vllm_router(
 ) -> Target:
     """vllm-router in MoRI-IO mode; new random ports and a new try when one was taken."""
     rng = random.Random()
-    log = logs / f"vllm-router-{mode}.log"
     for attempt in range(1, attempts + 1):
+        log = fresh_log(logs / f"vllm-router-{mode}.log")
         http, discovery, prometheus = rng.sample(range(*_PORT_RANGE), 3)
         args = [
             binary, "--vllm-pd-disaggregation", "--kv-connector", "moriio",
