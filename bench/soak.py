@@ -137,7 +137,7 @@ async def toggle_refusal(control: str, stop: asyncio.Event) -> None:
                     await asyncio.sleep(2)
 
 
-async def drive(url: str, total: int, concurrency: int, seed: int) -> dict:
+async def drive(url: str, total: int, concurrency: int, seed: int) -> dict[str, Any]:
     outcomes: collections.Counter[str] = collections.Counter()
     latencies: list[float] = []
     counter = iter(range(total))
@@ -170,7 +170,7 @@ async def drive(url: str, total: int, concurrency: int, seed: int) -> dict:
     }
 
 
-def merge(parts: list[dict]) -> dict:
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     outcomes: collections.Counter[str] = collections.Counter()
     for part in parts:
         outcomes.update(part["outcomes"])

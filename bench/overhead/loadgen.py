@@ -27,6 +27,7 @@ import collections
 import json
 import re
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -227,8 +228,9 @@ class _User:
     async def _floor(self, prompt: Prompt) -> tuple[float, Response]:
         """The two legs a proxy sends, sent from here; returns (start, decode's answer)."""
         job, p, d = self.job, self.prefill, self.decode
-        transfer_id = new_transfer_id()
-        request_id = new_request_id(p, d)
+        nonce = uuid.uuid4().hex  # what the proxy does per request: both ids share it
+        transfer_id = new_transfer_id(nonce)
+        request_id = new_request_id(p, d, nonce)
         started = time.monotonic()
         prefill = build_prefill_leg(
             prompt.request, p, d, transfer_id=transfer_id, request_id=request_id, dp_rank=0
