@@ -1,229 +1,417 @@
-"""Proxy overhead against simulated instances, beside vllm-router's MoRI-IO mode.
+"""What a proxy costs: moriio-proxy and vllm-router against the floor, side by side.
 
-Each target (moriio-proxy, and vllm-router when its binary is found) runs in its own
-process with one simulated P and one simulated D (``moriio-proxy sim``) heartbeating to
-it; this process drives a bounded streaming load and checks every answer against the
-simulator's expected text. Results go to ``bench/results/overhead.{json,md}``.
+For each mode, three targets are started, each with its own identical simulated instances
+(``moriio-proxy sim``, zero latency): the floor (the load generator sends both legs to the
+simulators itself), moriio-proxy and vllm-router (MoRI-IO mode). Then every cell (streaming
+or not, at each concurrency) is run against each target in turn: warm-up, a measured window,
+the next target. See bench/README.md for what each column means.
 
-    .venv/bin/python bench/bench_overhead.py [--requests 2000] [--concurrency 64]
-        [--vllm-router PATH]   # default: vllm-router on PATH, skipped if absent
+    .venv/bin/python bench/bench_overhead.py                  # READ, c=1,64,256, both
+    .venv/bin/python bench/bench_overhead.py --quick          # a short smoke run
+    .venv/bin/python bench/bench_overhead.py --install-vllm-router --modes READ,WRITE
+    .venv/bin/python bench/bench_overhead.py --profile        # + py-spy of one cell
+    .venv/bin/python bench/bench_overhead.py --update         # the committed baseline
+
+Results go to bench/results/scratch/<time>/ (git-ignored) unless --update, which also
+writes the committed bench/results/overhead.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
-import shutil
-import signal
-import statistics
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import aiohttp
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from moriio_proxy.sim import expected_text  # noqa: E402
-from tests.harness import free_port  # noqa: E402
+from bench.overhead import profile as pyspy  # noqa: E402
+from bench.overhead import vllm_router  # noqa: E402
+from bench.overhead.cells import Cell, Measurement, Settings, run_cell, summarize  # noqa: E402
+from bench.overhead.loadgen import Window  # noqa: E402
+from bench.overhead.report import compare_with_floor, markdown, summary  # noqa: E402
+from bench.overhead.targets import (  # noqa: E402
+    Target,
+    start_floor,
+    start_moriio_proxy,
+    start_vllm_router,
+)
+from bench.overhead.workers import WorkerPool  # noqa: E402
+from bench.processes import StartError  # noqa: E402
+from moriio_proxy.protocol import TransferMode  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+TARGETS = ("floor", "moriio-proxy", "vllm-router")
+# (warm-up s, window s, rounds): 18 cells x 3 targets x 3 rounds of ~6.5 s = about 6 minutes
+DEFAULT_TIMES = (2.0, 4.0, 3)
+MAX_RESTARTS = 2  # per target and mode: relaunches after one of its processes exited
+QUICK_TIMES = (1.0, 3.0, 1)
 
 
-def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    handle = log.open("wb")
-    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None of options whose default depends on --quick."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n")[0], formatter_class=_Help
+    )
+    parser.add_argument("--modes", default="READ", help="READ, WRITE or READ,WRITE")
+    parser.add_argument("--concurrency", default="1,64,256", help="comma-separated")
+    parser.add_argument(
+        "--stream", choices=("both", "yes", "no"), default="both", help="streamed requests?"
+    )
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer")
+    parser.add_argument(
+        "--warmup", type=float, help=f"seconds before each window (default {DEFAULT_TIMES[0]:g})"
+    )
+    parser.add_argument(
+        "--duration", type=float, help=f"measured seconds a round (default {DEFAULT_TIMES[1]:g})"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds per cell, interleaved with the other targets' and pooled "
+        f"(default {DEFAULT_TIMES[2]})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: defaults of {:g} s warm-up, {:g} s window, {} round".format(*QUICK_TIMES),
+    )
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated")
+    parser.add_argument("--prefills", type=int, default=1, help="simulated P per target")
+    parser.add_argument("--decodes", type=int, default=2, help="simulated D per target")
+    parser.add_argument("--loadgen-workers", type=int, default=2, help="load-generator processes")
+    parser.add_argument("--vllm-router", metavar="PATH", help="vllm-router launcher to use")
+    parser.add_argument(
+        "--install-vllm-router",
+        action="store_true",
+        help=f"pip-install it into {vllm_router.CACHE_VENV} first",
+    )
+    parser.add_argument(
+        "--vllm-router-spec",
+        default=vllm_router.DEFAULT_SPEC,
+        help="what --install-vllm-router installs",
+    )
+    parser.add_argument(
+        "--proxy-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra moriio-proxy serve argument (repeatable), e.g. --proxy-arg=--log-level=warning",
+    )
+    parser.add_argument("--profile", action="store_true", help="py-spy one cell of moriio-proxy")
+    parser.add_argument(
+        "--profile-cell",
+        default="non-stream:64",
+        metavar="STREAM:C",
+        help="the profiled cell (first mode), stream:C or non-stream:C",
+    )
+    parser.add_argument("--profile-top", type=int, default=25, help="functions listed")
+    parser.add_argument("--out", type=Path, help="results folder (default: a new scratch one)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="also write the committed bench/results/overhead.{json,md}",
+    )
+    args = parser.parse_args(argv)
+    defaults = QUICK_TIMES if args.quick else DEFAULT_TIMES
+    for name, default in zip(("warmup", "duration", "rounds"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    args.mode_list = [m.strip().upper() for m in args.modes.split(",") if m.strip()]
+    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for name in args.target_list:
+        if name not in TARGETS:
+            parser.error(f"--targets: unknown target {name!r} (known: {', '.join(TARGETS)})")
+    for mode in args.mode_list:
+        if mode not in ("READ", "WRITE"):
+            parser.error(f"--modes: {mode!r} is neither READ nor WRITE")
+    args.concurrencies = [int(c) for c in args.concurrency.split(",")]
+    args.streams = {"both": [False, True], "yes": [True], "no": [False]}[args.stream]
+    stream_text, _, c_text = args.profile_cell.partition(":")
+    if stream_text not in ("stream", "non-stream") or not c_text.isdigit():
+        parser.error("--profile-cell wants stream:C or non-stream:C, e.g. non-stream:64")
+    args.profile_stream, args.profile_c = stream_text == "stream", int(c_text)
+    return args
 
 
-async def wait_ready(url: str, timeout: float = 30) -> None:
-    body = {"model": "sim-model", "prompt": "warm up", "max_tokens": 1}
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.post(url + "/v1/completions", json=body) as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.3)
-    raise RuntimeError(f"{url} never served a completion")
-
-
-async def drive(url: str, requests: int, concurrency: int, max_tokens: int) -> dict:
-    latencies: list[float] = []
-    ttfts: list[float] = []
-    errors = wrong = leaks = 0
-    queue = iter(range(requests))
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal errors, wrong, leaks
-        for i in queue:
-            prompt = f"benchmark prompt number {i} about disaggregated serving"
-            body = {"model": "sim-model", "prompt": prompt, "max_tokens": max_tokens}
-            body["stream"] = True
-            started = time.perf_counter()
-            first = None
-            text = []
-            try:
-                async with session.post(url + "/v1/completions", json=body) as resp:
-                    if resp.status != 200:
-                        errors += 1
-                        await resp.read()
-                        continue
-                    async for raw in resp.content:
-                        line = raw.strip()
-                        if not line.startswith(b"data:") or line == b"data: [DONE]":
-                            continue
-                        if first is None:
-                            first = time.perf_counter() - started
-                        if b"___prefill_addr_" in line:
-                            leaks += 1
-                        chunk = json.loads(line[5:])
-                        text.extend(c.get("text", "") for c in chunk.get("choices", []))
-            except aiohttp.ClientError:
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - started)
-            ttfts.append(first or 0.0)
-            if "".join(text) != expected_text(prompt, max_tokens):
-                wrong += 1
-
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-
-    def pct(values: list[float], q: float) -> float:
-        if not values:
-            return float("nan")
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-    return {
-        "requests": requests,
-        "ok": len(latencies),
-        "errors": errors,
-        "wrong_text": wrong,
-        "responses_leaking_internal_id": leaks,
-        "wall_seconds": round(wall, 3),
-        "requests_per_second": round(len(latencies) / wall, 1),
-        "latency_ms": {
-            "p50": round(pct(latencies, 0.5), 2),
-            "p90": round(pct(latencies, 0.9), 2),
-            "p99": round(pct(latencies, 0.99), 2),
-            "mean": round(statistics.fmean(latencies) * 1000, 2) if latencies else None,
-        },
-        "ttft_ms": {"p50": round(pct(ttfts, 0.5), 2), "p99": round(pct(ttfts, 0.99), 2)},
-    }
-
-
-async def run_target(name: str, mode: str, args: argparse.Namespace, logs: Path) -> dict:
-    http_port = free_port(21000)
-    discovery_port = free_port(http_port + 1)
-    python = sys.executable
-    if name == "moriio-proxy":
-        target = [
-            python, "-m", "moriio_proxy", "serve", "--host", "127.0.0.1",
-            "--port", str(http_port), "--discovery-host", "127.0.0.1",
-            "--discovery-port", str(discovery_port), "--log-level", "warning",
-        ]  # fmt: skip
-    else:
-        target = [
-            args.vllm_router, "--vllm-pd-disaggregation", "--kv-connector", "moriio",
-            "--vllm-discovery-address", f"127.0.0.1:{discovery_port}",
-            "--host", "127.0.0.1", "--port", str(http_port), "--log-level", "warning",
-            "--prometheus-port", str(free_port(discovery_port + 1)),
-        ]  # fmt: skip
-    procs = [spawn(target, logs / f"{name}-{mode}.log")]
+def _git(*args: str) -> str:
     try:
-        await asyncio.sleep(1.0)  # bind discovery before the simulators knock
-        for role in ("P", "D"):
-            sim = [
-                python, "-m", "moriio_proxy", "sim", "--role", role, "--mode", mode,
-                "--proxy", f"127.0.0.1:{discovery_port}", "--heartbeat-interval", "1",
-            ]  # fmt: skip
-            procs.append(spawn(sim, logs / f"{name}-{mode}-sim-{role}.log"))
-        url = f"http://127.0.0.1:{http_port}"
-        await wait_ready(url)
-        result = await drive(url, args.requests, args.concurrency, args.max_tokens)
-    finally:
-        for proc in procs:
-            stop(proc)
-    return {"target": name, "mode": mode, **result}
-
-
-def markdown(report: dict) -> str:
-    lines = [
-        "# Proxy overhead with simulated instances",
-        "",
-        f"{report['when']} on {report['machine']}; {report['settings']}.",
-        "Each row: the target and one simulated P and D (zero simulated latency) in",
-        "separate processes on the same machine; streaming completions checked token for",
-        "token against the simulator's expected text.",
-        "",
-        "| target | mode | ok | errors | wrong text | id leaks | req/s | p50 ms | p99 ms "
-        "| TTFT p50 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["results"]:
-        lat, ttft = r["latency_ms"], r["ttft_ms"]
-        lines.append(
-            f"| {r['target']} | {r['mode']} | {r['ok']} | {r['errors']} | {r['wrong_text']} "
-            f"| {r['responses_leaking_internal_id']} | {r['requests_per_second']} "
-            f"| {lat['p50']} | {lat['p99']} | {ttft['p50']} |"
+        out = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=10
         )
-    lines += ["", f"Command: `{report['command']}`", ""]
-    return "\n".join(lines)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--vllm-router", default=shutil.which("vllm-router"))
-    parser.add_argument("--modes", default="READ,WRITE")
-    args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    logs = RESULTS / "logs"
-    logs.mkdir(exist_ok=True)
-    targets = ["moriio-proxy"] + (["vllm-router"] if args.vllm_router else [])
-    results = []
-    for mode in args.modes.split(","):
-        for name in targets:
-            print(f"running {name} {mode} ...", flush=True)
-            results.append(await run_target(name, mode, args, logs))
-            print(json.dumps(results[-1]), flush=True)
-    report = {
+def describe_run(args: argparse.Namespace, router: vllm_router.Located) -> dict[str, Any]:
+    from moriio_proxy import __version__
+
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown commit"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    cpu_model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu_model = line.split(":", 1)[1].strip()
+            break
+    libs = ", ".join(
+        f"{name} {importlib.metadata.version(name)}" for name in ("hypercorn", "quart", "aiohttp")
+    )
+    load = os.getloadavg()
+    return {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}",
-        "settings": f"{args.requests} requests, concurrency {args.concurrency}, "
-        f"max_tokens {args.max_tokens}, streaming",
-        "command": "python bench/bench_overhead.py " + " ".join(sys.argv[1:]),
-        "results": results,
+        "machine": f"{platform.machine()} {cpu_model}, {os.cpu_count()} cores, "
+        f"load average {load[0]:.2f} at start",
+        "moriio_proxy": f"{__version__} at {commit}"
+        + (" (uncommitted changes)" if dirty else "")
+        + f" ({libs})",
+        "vllm_router": (
+            f"{vllm_router.version(router.binary)} ({router.how})" if router.binary else "not run"
+        ),
+        "python": platform.python_version(),
+        "command": "python bench/bench_overhead.py " + shlex.join(sys.argv[1:]),
+        "settings": (
+            f"{args.max_tokens} max_tokens; c closed-loop clients; {args.rounds} round(s) of "
+            f"{args.warmup:g} s warm-up then {args.duration:g} s measured, the targets' rounds "
+            f"interleaved, rounds pooled; {args.prefills} simulated P and "
+            f"{args.decodes} simulated D per target (zero latency, fresh per target and mode); "
+            f"load generator in {args.loadgen_workers} processes"
+        ),
+        "max_tokens": args.max_tokens,
+        "warmup_seconds": args.warmup,
+        "window_seconds": args.duration,
+        "rounds": args.rounds,
+        "prefills": args.prefills,
+        "decodes": args.decodes,
+        "loadgen_workers": args.loadgen_workers,
+        "proxy_args": args.proxy_arg,
     }
-    (RESULTS / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "overhead.md").write_text(markdown(report))
-    print(markdown(report))
+
+
+def start_target(
+    name: str, mode: str, args: argparse.Namespace, logs: Path, router: str | None
+) -> Target:
+    if name == "floor":
+        return start_floor(mode, logs, args.prefills, args.decodes)
+    if name == "moriio-proxy":
+        return start_moriio_proxy(mode, logs, args.prefills, args.decodes, args.proxy_arg)
+    assert router is not None
+    return start_vllm_router(router, mode, logs, args.prefills, args.decodes)
+
+
+def print_round(name: str, m: Measurement, settings: Settings) -> None:
+    ok = len(m.outcome.latencies)
+    cpu = "" if m.target_cpu is None or not ok else f"  CPU {m.target_cpu * 1000 / ok:.2f} ms/req"
+    errors = sum(m.outcome.errors.values())
+    others = max(0.0, m.machine_cpu - m.ours_cpu) / m.seconds
+    print(
+        f"  {name:<13} {ok / settings.duration:>8.1f} req/s{cpu}"
+        f"  errors {errors}  (others {others:.2f} cores)",
+        flush=True,
+    )
+
+
+def profile_cell(
+    pool: WorkerPool, target: Target, cell: Cell, settings: Settings, out: Path, top: int
+) -> dict[str, Any]:
+    """A separate pass of ``cell`` with py-spy recording the proxy through its window."""
+    binary = pyspy.py_spy()
+    raw = out / f"profile-{target.name}-{cell.mode}-{'stream' if cell.stream else 'non-stream'}"
+    raw = raw.with_name(raw.name + f"-c{cell.concurrency}.txt")
+    assert target.pid is not None
+    recorders = []
+
+    def record(window: Window) -> None:
+        recorders.append(pyspy.start(binary, target.pid or 0, window.stop - window.measure, raw))
+
+    m = run_cell(pool, target, cell, settings, during=record)
+    recorders[0].wait(timeout=60)
+    if not raw.exists():
+        log = raw.with_suffix(".log")
+        raise RuntimeError(f"py-spy wrote no profile; its output:\n{log.read_text()[-2000:]}")
+    summary = pyspy.summarize(raw, top)
+    return {
+        "cell": cell.label,
+        "seconds": settings.duration,
+        "req_per_s": round(len(m.outcome.latencies) / settings.duration, 1),
+        "raw": str(raw.relative_to(ROOT)) if raw.is_relative_to(ROOT) else str(raw),
+        **summary,
+    }
+
+
+def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    skipped: list[str] = []
+    router_path: str | None = None
+    if "vllm-router" in args.target_list:
+        if args.install_vllm_router:
+            vllm_router.install(args.vllm_router_spec)
+        located = vllm_router.locate(args.vllm_router)
+        router_path = located.binary
+        if router_path is None:
+            skipped.append(f"vllm-router, every cell: {located.how}")
+            banner = "#" * 78
+            print(f"{banner}\n# vllm-router SKIPPED: {located.how}\n{banner}", flush=True)
+    else:
+        located = vllm_router.Located(None, "not requested (--targets)")
+    report: dict[str, Any] = {
+        "run": describe_run(args, located),
+        "skipped": skipped,
+        "warnings": [],
+        "results": [],
+        "targets": {},
+    }
+    settings = Settings(args.max_tokens, args.warmup, args.duration)
+    pool = WorkerPool(args.loadgen_workers)
+    try:
+        for mode in args.mode_list:
+            run_mode(args, mode, settings, pool, logs, router_path, report, out)
+    finally:
+        pool.close()
+    report["warnings"] += compare_with_floor(report["results"])
+    report["summary"] = summary(report["results"])
+    for row in report["results"]:
+        if row["errors_total"]:
+            report["warnings"].append(
+                f"{row['target']} {Cell(row['mode'], row['stream'], row['concurrency']).label}: "
+                f"{row['errors_total']} failed or wrong answers ({row['errors']})"
+            )
+    return report
+
+
+def run_mode(
+    args: argparse.Namespace,
+    mode: TransferMode,
+    settings: Settings,
+    pool: WorkerPool,
+    logs: Path,
+    router_path: str | None,
+    report: dict[str, Any],
+    out: Path,
+) -> None:
+    targets: list[Target] = []
+    try:
+        for name in args.target_list:
+            if name == "vllm-router" and router_path is None:
+                continue
+            print(f"starting {name} ({mode}) ...", flush=True)
+            try:
+                targets.append(start_target(name, mode, args, logs, router_path))
+            except StartError as exc:
+                report["skipped"].append(f"{name} {mode}, every cell: did not start: {exc}")
+                print(f"!!! {name} ({mode}) did not start, SKIPPED:\n{exc}", flush=True)
+        cells = [Cell(mode, s, c) for c in args.concurrencies for s in args.streams]
+        rounds: dict[tuple[Cell, str], list[Measurement]] = {}
+        restarts = {t.name: 0 for t in targets}
+        for r in range(args.rounds):
+            for n, cell in enumerate(cells):
+                print(f"{cell.label}, round {r + 1}/{args.rounds}", flush=True)
+                # Alternate the order so a drift on the machine favours no target.
+                order = list(range(len(targets)))
+                for i in order if (n + r) % 2 == 0 else order[::-1]:
+                    where = f"{targets[i].name} {cell.label} round {r + 1}"
+                    while True:
+                        target = targets[i]
+                        if target.name not in restarts:  # gave up on it
+                            break
+                        m = run_cell(pool, target, cell, settings) if target.alive() else None
+                        if m is not None and target.alive():
+                            rounds.setdefault((cell, target.name), []).append(m)
+                            print_round(target.name, m, settings)
+                            break
+                        # One of its processes exited (on a shared machine, someone else's
+                        # cleanup may kill it): a window it was not in counts for nothing.
+                        print(f"!!! {where}: a process of it exited; restarting", flush=True)
+                        target.stop()
+                        restarts[target.name] += 1
+                        fresh = None
+                        if restarts[target.name] <= MAX_RESTARTS:
+                            with contextlib.suppress(StartError):
+                                fresh = start_target(target.name, mode, args, logs, router_path)
+                        if fresh is None:
+                            del restarts[target.name]
+                            report["skipped"].append(
+                                f"{where} and after: its processes kept exiting (logs in {logs})"
+                            )
+                            break
+                        targets[i] = fresh
+                        report["warnings"].append(
+                            f"{where}: a process of it exited during the window; restarted "
+                            "with fresh simulators and measured again"
+                        )
+                    time.sleep(0.3)
+        for cell in cells:
+            for target in targets:
+                if (cell, target.name) in rounds:
+                    row = summarize(target, cell, settings, rounds[(cell, target.name)])
+                    report["results"].append(row)
+        proxy = next((t for t in targets if t.name == "moriio-proxy"), None)
+        if args.profile and mode == args.mode_list[0] and proxy is not None:
+            cell = Cell(mode, args.profile_stream, args.profile_c)
+            print(f"profiling moriio-proxy, {cell.label} ...", flush=True)
+            report["profile"] = profile_cell(pool, proxy, cell, settings, out, args.profile_top)
+        for target in targets:
+            stats = target.sim_stats()
+            report["targets"][f"{target.name} {mode}"] = {
+                "notes": target.notes,
+                "log": str(target.log) if target.log else None,
+                "sim_requests": {s["url"]: [s["role"], s.get("requests")] for s in stats},
+            }
+            idle = [s["url"] for s in stats if s.get("requests") == 0]
+            if idle:  # a target that never used an instance was not measured as configured
+                report["warnings"].append(
+                    f"{target.name} {mode}: simulated instance(s) {', '.join(idle)} "
+                    "received no request"
+                )
+    finally:
+        for target in targets:
+            target.stop()
+    # cells are sorted per table: floor first within each cell, then the proxies
+    rank = {name: i for i, name in enumerate(TARGETS)}
+    report["results"].sort(
+        key=lambda r: (r["mode"], r["concurrency"], r["stream"], rank[r["target"]])
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out = (args.out or RESULTS / "scratch" / stamp).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"results folder: {out}", flush=True)
+    report = run(args, out)
+    text = markdown(report)
+    payload = json.dumps(report, indent=2) + "\n"
+    written = [out / "overhead.json", out / "overhead.md"]
+    written[0].write_text(payload)
+    written[1].write_text(text)
+    if args.update:
+        (RESULTS / "overhead.json").write_text(payload)
+        (RESULTS / "overhead.md").write_text(text)
+        written += [RESULTS / "overhead.json", RESULTS / "overhead.md"]
+    print(text)
+    print("written: " + ", ".join(str(p) for p in written), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(main())

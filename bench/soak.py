@@ -35,7 +35,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.harness import free_port  # noqa: E402
+from bench.processes import SimProcess, start_proxy, start_sim  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PROXY_SETTINGS = {
@@ -47,7 +47,9 @@ PROXY_SETTINGS = {
     "--eject-seconds": "2",
     "--max-retries": "2",
     "--instance-ttl": "5",
-    "--log-level": "error",
+    # info: the level at which the proxy logs the ports it bound (it logs nothing per
+    # request there; the faults' warnings are logged at any level above error).
+    "--log-level": "info",
 }
 WARMUP = int(os.environ.get("SOAK_WARMUP", "5000"))  # requests before the first measurement
 SETTLE = 6.0  # seconds at rest before measuring: past Hypercorn's 5 s keep-alive
@@ -69,11 +71,6 @@ def proc_usage(pid: int) -> dict[str, int]:
         if line.startswith("VmRSS:"):
             rss_kb = int(line.split()[1])
     return {"open_fds": fds, "rss_kb": rss_kb}
-
-
-def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    handle = log.open("wb")
-    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 async def wait_ready(url: str, timeout: float = 30) -> None:
@@ -140,7 +137,7 @@ async def toggle_refusal(control: str, stop: asyncio.Event) -> None:
                     await asyncio.sleep(2)
 
 
-async def drive(url: str, total: int, concurrency: int, seed: int) -> dict:
+async def drive(url: str, total: int, concurrency: int, seed: int) -> dict[str, Any]:
     outcomes: collections.Counter[str] = collections.Counter()
     latencies: list[float] = []
     counter = iter(range(total))
@@ -173,7 +170,7 @@ async def drive(url: str, total: int, concurrency: int, seed: int) -> dict:
     }
 
 
-def merge(parts: list[dict]) -> dict:
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     outcomes: collections.Counter[str] = collections.Counter()
     for part in parts:
         outcomes.update(part["outcomes"])
@@ -199,52 +196,29 @@ async def main() -> int:
     logs = RESULTS / "logs"
     logs.mkdir(exist_ok=True)
 
-    http_port = free_port(22000)
-    discovery_port = free_port(http_port + 1)
-    python = sys.executable
-    proxy_args = [
-        python, "-m", "moriio_proxy", "serve", "--host", "127.0.0.1",
-        "--port", str(http_port), "--discovery-host", "127.0.0.1",
-        "--discovery-port", str(discovery_port),
-    ]  # fmt: skip
+    proxy_args: list[str] = []
     for flag, value in PROXY_SETTINGS.items():
         proxy_args += [flag, value]
-    procs = [spawn(proxy_args, logs / f"soak-{args.mode}-proxy.log")]
-    proxy_pid = procs[0].pid
-    await asyncio.sleep(1.0)
-    controls: dict[str, str] = {}
-    next_port = discovery_port + 1
-    for name in FAULTS:
-        control = free_port(next_port)
-        next_port = control + 1
-        controls[name] = f"http://127.0.0.1:{control}"
-        procs.append(
-            spawn(
-                [
-                    python,
-                    "-m",
-                    "moriio_proxy",
-                    "sim",
-                    "--role",
-                    name[0],
-                    "--mode",
-                    args.mode,
-                    "--proxy",
-                    f"127.0.0.1:{discovery_port}",
-                    "--heartbeat-interval",
-                    "1",
-                    "--control-port",
-                    str(control),
-                    "--seed",
-                    str(args.seed),
-                ],
-                logs / f"soak-{args.mode}-{name}.log",
-            )
-        )
+    # Every process binds its own ports (0) and says which: no port is picked here.
+    proxy = start_proxy(logs / f"soak-{args.mode}-proxy.log", proxy_args)
+    procs = [proxy.proc]
+    proxy_pid = proxy.proc.pid
+    sims: dict[str, SimProcess] = {}
+    try:
+        for name in FAULTS:
+            extra = ["--control-port", "0", "--seed", str(args.seed)]
+            log = logs / f"soak-{args.mode}-{name}.log"
+            sims[name] = start_sim(name[0], args.mode, log, proxy.discovery, extra)
+            procs.append(sims[name].proc)
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    controls = {name: sim.control_url or sim.url for name, sim in sims.items()}
     stop = asyncio.Event()
     usage: dict[str, Any] = {}
     try:
-        url = f"http://127.0.0.1:{http_port}"
+        url = proxy.url
         await wait_ready(url)
         async with aiohttp.ClientSession() as session:
             for name, faults in FAULTS.items():
@@ -271,11 +245,11 @@ async def main() -> int:
         await toggler
         usage["end"] = proc_usage(proxy_pid)
         async with aiohttp.ClientSession() as session:
-            sims = {}
+            sim_stats = {}
             for name, control in controls.items():
                 async with session.get(control + "/sim/stats") as resp:
                     stats = await resp.json()
-                sims[name] = {
+                sim_stats[name] = {
                     k: stats.get(k)
                     for k in ("requests", "completed", "cancelled", "faults_applied",
                               "garbage_outputs", "dead_reason", "held_transfers",
@@ -320,7 +294,7 @@ async def main() -> int:
         **result,
         "proxy_usage": usage,
         "growth_percent": growth,
-        "simulated_instances": sims,
+        "simulated_instances": sim_stats,
         "proxy_metrics": proxy_metrics,
         "verdict": "pass" if hung == 0 and all(g < 10 for g in growth.values()) else "fail",
     }
