@@ -18,18 +18,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+from moriio_proxy.testing import parse_serving, parse_sim_started
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_PROXY_HTTP_RE = re.compile(r"serving OpenAI on http://\S+?:(\d+)")
-_PROXY_DISCOVERY_RE = re.compile(r"discovery listening on tcp://\S+?:(\d+)")
-_SIM_RE = re.compile(
-    r"moriio-proxy sim: role=(?P<role>[PD]) mode=(?P<mode>\w+) url=(?P<url>\S+) "
-    r"http_address=(?P<http>\S+) zmq_address=(?P<zmq>\S+)(?: control=(?P<control>\S+))?"
-)
 
 
 class StartError(RuntimeError):
@@ -79,12 +78,25 @@ def wait_for_output(
     proc: subprocess.Popen[bytes], log: Path, patterns: Sequence[re.Pattern[str]], timeout: float
 ) -> list[re.Match[str]]:
     """Wait until each pattern matches a line of ``log``; fail fast if the process exits."""
+
+    def all_found(text: str) -> list[re.Match[str]] | None:
+        found = [p.search(text) for p in patterns]
+        return [m for m in found if m is not None] if all(found) else None
+
+    return wait_for_log(proc, log, all_found, timeout)
+
+
+def wait_for_log(
+    proc: subprocess.Popen[bytes], log: Path, read: Callable[[str], T | None], timeout: float
+) -> T:
+    """Wait until ``read(the log's text)`` finds something and return it; fail fast if the
+    process exits."""
     deadline = time.monotonic() + timeout
     while True:
         text = log.read_text(errors="replace") if log.exists() else ""
-        found = [p.search(text) for p in patterns]
-        if all(found):
-            return [m for m in found if m is not None]
+        found = read(text)
+        if found is not None:
+            return found
         if proc.poll() is not None:
             raise StartError(f"{log.name}: exited with {proc.returncode}:\n{log_tail(log)}")
         if time.monotonic() > deadline:
@@ -121,11 +133,12 @@ def start_proxy(log: Path, extra: Sequence[str] = (), timeout: float = 30.0) -> 
     ]  # fmt: skip
     proc = spawn(args, log)
     try:
-        http, discovery = wait_for_output(proc, log, (_PROXY_HTTP_RE, _PROXY_DISCOVERY_RE), timeout)
+        serving = wait_for_log(proc, log, parse_serving, timeout)
     except StartError:
         stop(proc)
         raise
-    return ProxyProcess(proc, log, int(http.group(1)), int(discovery.group(1)))
+    assert serving.discovery_port is not None
+    return ProxyProcess(proc, log, serving.port, serving.discovery_port)
 
 
 @dataclass
@@ -156,18 +169,12 @@ def start_sim(
     ]  # fmt: skip
     proc = spawn(args, log)
     try:
-        (found,) = wait_for_output(proc, log, (_SIM_RE,), timeout)
+        found = wait_for_log(proc, log, parse_sim_started, timeout)
     except StartError:
         stop(proc)
         raise
     return SimProcess(
-        proc,
-        log,
-        found["role"],
-        found["url"],
-        found["http"],
-        found["zmq"],
-        found["control"],
+        proc, log, found.role, found.url, found.http_address, found.zmq_address, found.control_url
     )
 
 
