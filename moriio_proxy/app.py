@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
@@ -43,15 +44,21 @@ def state(app: Quart) -> ProxyState:
 DiscoveryFactory = Callable[[Registry, Metrics], DiscoverySource]
 
 
-def create_app(config: ProxyConfig, discovery: DiscoveryFactory | None = None) -> Quart:
+def create_app(
+    config: ProxyConfig,
+    discovery: DiscoveryFactory | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Quart:
     """The proxy as a Quart app; ``discovery`` replaces the configured source (a worker
-    of ``serve --workers N`` mirrors its supervisor's registry instead)."""
+    of ``serve --workers N`` mirrors its supervisor's registry instead); ``clock`` is the
+    registry's (TTLs, ejection periods), which a test may move instead of sleeping."""
     app = Quart("moriio_proxy")
     # Streams last as long as generation does; our own timeouts bound every upstream wait.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 60
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    registry = build_registry(config)
+    registry = build_registry(config, clock)
     metrics = Metrics()
     upstream = Upstream(
         Timeouts(

@@ -4,6 +4,8 @@ Quart routes and the ASGI completions endpoint (so neither imports the other).""
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import ProxyConfig
@@ -19,13 +21,14 @@ log = logging.getLogger("moriio_proxy")
 _ROLE_NAMES: tuple[tuple[Role, str], ...] = (("P", "prefill"), ("D", "decode"))
 
 
-def build_registry(config: ProxyConfig) -> Registry:
+def build_registry(config: ProxyConfig, clock: Callable[[], float] = time.monotonic) -> Registry:
     """The registry a proxy process (or a worker's mirror) keeps, as configured."""
     return Registry(
         config.instance_ttl,
         pinned_mode=None if config.transfer_mode == "auto" else config.transfer_mode,
         eject_after=config.eject_after,
         eject_seconds=config.eject_seconds,
+        clock=clock,
     )
 
 
