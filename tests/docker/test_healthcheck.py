@@ -14,7 +14,6 @@ import pytest
 
 from moriio_proxy.config import ProxyConfig
 from tests.docker.support import DOCKER
-from tests.harness import free_port
 
 SCRIPT = DOCKER / "healthcheck.py"
 
@@ -67,8 +66,8 @@ def test_unhealthy_when_health_answers_an_error(status: int) -> None:
     assert f"/health: HTTP Error {status}" in result.stderr
 
 
-def test_unhealthy_when_nothing_listens() -> None:
-    result = check(MORIIO_PROXY_PORT=str(free_port(23500)))
+def test_unhealthy_when_nothing_listens(dead_port: int) -> None:
+    result = check(MORIIO_PROXY_PORT=str(dead_port))
     assert result.returncode == 1
     assert result.stderr.startswith("unhealthy: GET http://127.0.0.1:")
 

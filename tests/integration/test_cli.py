@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from tests.harness import free_port
+from tests.harness import eventually, free_port
+from tests.harness.serve import START_TIMEOUT, STOP_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,13 +31,6 @@ def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
         cwd=ROOT,
         check=False,
     )
-
-
-def http_json(url: str, body: dict | None = None) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as resp:
-        return json.loads(resp.read())
 
 
 @pytest.mark.parametrize(
@@ -103,55 +99,60 @@ def test_taken_port_exits_1_with_a_clear_line():
     assert "Traceback" not in result.stderr
 
 
-def test_demo_serves_a_completion_and_stops_cleanly_on_sigterm():
-    """The README's first command: the demo comes up, its curl line works, SIGTERM is 0."""
-    port = free_port(21000 + os.getpid() % 5000)
-    discovery = free_port(port + 1)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "moriio_proxy",
-            "demo",
-            "--port",
-            str(port),
-            "--discovery-port",
-            str(discovery),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        banner = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
-            banner.append(line)
-            if "curl" in line:
-                break
-        assert any(f"http://127.0.0.1:{port}" in line for line in banner)
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if http_json(base + "/ready")["status"] == "ready":
+@contextlib.asynccontextmanager
+async def demo() -> AsyncIterator[tuple[str, list[str]]]:
+    """``moriio-proxy demo`` up to its banner: its URL and the banner's lines.
+
+    The demo takes its ports as given (its simulated instances need the discovery port
+    before the proxy runs), so they are chosen here, and a start that finds one taken in
+    the meantime is retried on others.
+    """
+    for _attempt in range(5):
+        port = free_port(random.randrange(20000, 30000))
+        discovery = free_port(port + 1)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "moriio_proxy", "demo",
+            "--port", str(port), "--discovery-port", str(discovery),
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        banner: list[str] = []
+        try:
+            while not banner or "curl" not in banner[-1]:
+                line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+                if not line:
                     break
-            except OSError:
-                pass
-            time.sleep(0.1)
-        answer = http_json(
-            base + "/v1/completions",
-            {"model": "sim-model", "prompt": "The capital of France is", "max_tokens": 8},
-        )
+                banner.append(line.decode())
+            else:
+                yield f"http://127.0.0.1:{port}", banner
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(proc.wait(), STOP_TIMEOUT) == 0
+                return
+            error = (await proc.stderr.read()).decode()
+            assert await proc.wait() == 1 and "Address already in use" in error, error
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    raise AssertionError("the demo found its ports taken five times in a row")
+
+
+async def test_demo_serves_a_completion_and_stops_cleanly_on_sigterm(
+    http: aiohttp.ClientSession,
+) -> None:
+    """The README's first command: the demo comes up, its curl line works, SIGTERM is 0."""
+    async with demo() as (base, banner):
+        assert any(base in line for line in banner)
+
+        async def ready() -> bool:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(base + "/ready") as resp:
+                    return resp.status == 200
+            return False
+
+        await eventually(ready, interval=0.1, what="the demo ready")
+        body = {"model": "sim-model", "prompt": "The capital of France is", "max_tokens": 8}
+        async with http.post(base + "/v1/completions", json=body) as resp:
+            answer = await resp.json()
         assert answer["usage"]["completion_tokens"] == 8
         assert answer["choices"][0]["text"]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()

@@ -4,23 +4,25 @@ is cancelled (as the simulated instance sees it), and the next request succeeds.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from moriio_proxy.protocol import Instance
-from moriio_proxy.sim import SimConfig, SimInstance, expected_text
-from tests.harness import RunningProxy, free_port, read_sse, running_proxy
+from moriio_proxy.sim import expected_text
+from tests.harness import RunningProxy, read_sse, running_proxy
+from tests.harness.clock import JumpingClock
+from tests.harness.legs import refuses_connections
+from tests.harness.serve import STOP_TIMEOUT, serve_process
+from tests.harness.waiting import PROMPTLY
 
 MODES = ["READ", "WRITE"]
 PROMPT = "failure semantics under test"
-ROOT = Path(__file__).resolve().parents[2]
+# What an instance takes where the proxy must not wait for it: far beyond PROMPTLY, so a
+# proxy that waited could not pass.
+FOREVER = 120.0
 
 
 def completion(max_tokens: int = 4, stream: bool = False, prompt: str = PROMPT) -> dict:
@@ -46,20 +48,16 @@ async def next_request_succeeds(proxy: RunningProxy) -> None:
     assert payload["choices"][0]["text"] == expected_text("and now a good one", 3)
 
 
-def role(proxy: RunningProxy, name: str) -> SimInstance:
-    return next(s for s in proxy.sims if s.config.role == name)
-
-
 @pytest.mark.parametrize("mode", MODES)
 async def test_prefill_timeout_is_504_and_cancels_both_legs(mode: str):
     async with running_proxy(prefill_timeout=0.4, max_retries=0) as proxy:
-        prefill = await proxy.add_sim("P", mode=mode, prefill_latency=3.0)
+        prefill = await proxy.add_sim("P", mode=mode, prefill_latency=FOREVER)
         decode = await proxy.add_sim("D", mode=mode)
         await proxy.wait_registered(1, 1)
         status, payload, took = await post(proxy.url, completion())
         assert status == 504
         assert payload["error"]["code"] == 504
-        assert took < 2.0
+        assert took < PROMPTLY
         await proxy.wait_for(lambda: all(leg.cancelled for leg in prefill.legs))
         if mode == "WRITE":  # the decode leg started at once and must not wait forever
             await proxy.wait_for(lambda: decode.pending_kv_waiters() == 0)
@@ -74,13 +72,13 @@ async def test_prefill_timeout_is_504_and_cancels_both_legs(mode: str):
 async def test_decode_first_byte_timeout_is_504():
     async with running_proxy(decode_first_byte_timeout=0.4, max_retries=0) as proxy:
         await proxy.add_sim("P")
-        decode = await proxy.add_sim("D", prefill_latency=3.0)
+        decode = await proxy.add_sim("D", prefill_latency=FOREVER)
         await proxy.wait_registered(1, 1)
         for streaming in (False, True):
             status, events, took = await stream(proxy.url, completion(stream=streaming))
             assert status == 504, events
             assert events[0]["error"]["code"] == 504
-            assert took < 2.0
+            assert took < PROMPTLY
         await proxy.wait_for(lambda: decode.stats.cancelled == 2)
         decode.config.prefill_latency = 0.0
         await next_request_succeeds(proxy)
@@ -98,36 +96,37 @@ async def test_stream_idle_timeout_ends_with_an_sse_error_event():
                 assert resp.status == 200
                 first = await resp.content.readline()
                 assert first.startswith(b"data: ")
-                decode.config.token_latency = 5.0  # the engine goes quiet mid-stream
+                decode.config.token_latency = FOREVER  # the engine goes quiet mid-stream
                 events = await read_sse(resp)
         assert events[-1] == "[DONE]"
         assert events[-2]["error"]["code"] == 504
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < PROMPTLY
         await proxy.wait_for(lambda: decode.stats.cancelled == 1)
         decode.config.token_latency = 0.0
         await next_request_succeeds(proxy)
 
 
 async def test_end_to_end_deadline_bounds_a_long_stream():
-    async with running_proxy(request_timeout=0.6) as proxy:
+    # The first token comes long before the deadline, the last long after it.
+    deadline, tokens = 1.5, 1000
+    async with running_proxy(request_timeout=deadline) as proxy:
         await proxy.add_sim("P")
         decode = await proxy.add_sim("D", token_latency=0.1)
         await proxy.wait_registered(1, 1)
-        status, events, took = await stream(proxy.url, completion(100, stream=True))
+        status, events, took = await stream(proxy.url, completion(tokens, stream=True))
         assert status == 200
         assert events[-1] == "[DONE]"
         assert events[-2]["error"]["code"] == 504
-        assert 0.5 < took < 2.0
+        assert deadline - 0.1 < took < deadline + PROMPTLY
         await proxy.wait_for(lambda: decode.stats.cancelled == 1)
-        status, payload, took = await post(proxy.url, completion(100))
+        status, payload, took = await post(proxy.url, completion(tokens))
         assert status == 504
         assert "deadline" in payload["error"]["message"]
-        assert took < 2.0
+        assert took < deadline + PROMPTLY
         await proxy.wait_for(lambda: decode.stats.cancelled == 2)
 
 
-async def test_dead_static_instance_is_ejected_and_skipped():
-    dead_port = free_port(23000)  # nothing listens there
+async def test_dead_static_instance_is_ejected_and_skipped(dead_port: int):
     dead = Instance("P", f"127.0.0.1:{dead_port}", "127.0.0.1", 6301, 61005, 1, 1, "READ")
     async with running_proxy(
         static_instances=[dead], prefill_policy="round_robin", eject_after=2, eject_seconds=60
@@ -158,7 +157,8 @@ async def test_over_capacity_is_429_with_retry_after():
         await proxy.add_sim("P")
         await proxy.add_sim("D", token_latency=0.05)
         await proxy.wait_registered(1, 1)
-        slow = [asyncio.create_task(stream(proxy.url, completion(20, stream=True))) for _ in "ab"]
+        # 3 s each: both are still running when the third request arrives, even if late.
+        slow = [asyncio.create_task(stream(proxy.url, completion(60, stream=True))) for _ in "ab"]
         await proxy.wait_for(lambda: proxy.state.inflight == 2)
         async with (
             aiohttp.ClientSession() as s,
@@ -176,17 +176,17 @@ async def test_over_capacity_is_429_with_retry_after():
 @pytest.mark.parametrize("mode", MODES)
 async def test_client_disconnect_during_prefill_cancels_both_legs(mode: str):
     async with running_proxy() as proxy:
-        prefill = await proxy.add_sim("P", mode=mode, prefill_latency=2.0)
+        prefill = await proxy.add_sim("P", mode=mode, prefill_latency=FOREVER)
         decode = await proxy.add_sim("D", mode=mode)
         await proxy.wait_registered(1, 1)
         task = asyncio.create_task(post(proxy.url, completion()))
         await proxy.wait_for(lambda: prefill.stats.requests == 1)
         task.cancel()  # the client hangs up
         started = time.monotonic()
-        await proxy.wait_for(lambda: prefill.stats.cancelled == 1, timeout=1.0)
+        await proxy.wait_for(lambda: prefill.stats.cancelled == 1)
         if mode == "WRITE":
-            await proxy.wait_for(lambda: decode.pending_kv_waiters() == 0, timeout=1.0)
-        assert time.monotonic() - started < 1.0
+            await proxy.wait_for(lambda: decode.pending_kv_waiters() == 0)
+        assert time.monotonic() - started < PROMPTLY
         await proxy.wait_for(lambda: proxy.state.inflight == 0)
         prefill.config.prefill_latency = 0.0
         await next_request_succeeds(proxy)
@@ -197,87 +197,40 @@ async def test_read_mode_disconnect_after_prefill_releases_the_kv():
     so P's blocks are released at once instead of after P's 60 s defer timeout."""
     async with running_proxy() as proxy:
         prefill = await proxy.add_sim("P")
-        decode = await proxy.add_sim("D", prefill_latency=2.0)
+        decode = await proxy.add_sim("D", prefill_latency=FOREVER)
         await proxy.wait_registered(1, 1)
         task = asyncio.create_task(post(proxy.url, completion()))
         await proxy.wait_for(lambda: decode.stats.requests == 1)
         task.cancel()
+        started = time.monotonic()
         # A non-streaming leg is given release_grace (1 s) to reach D, then aborted.
-        await proxy.wait_for(lambda: decode.stats.cancelled == 1, timeout=2.5)
-        await proxy.wait_for(lambda: prefill.held_transfers() == 0, timeout=1.0)
+        await proxy.wait_for(lambda: decode.stats.cancelled == 1)
+        await proxy.wait_for(lambda: prefill.held_transfers() == 0)
+        assert time.monotonic() - started < 1.0 + PROMPTLY  # far below the 60 s reaping
         assert prefill.stats.blocks_reaped == 0
 
 
-def test_sigterm_drains_in_flight_streams_and_refuses_new_ones():
-    """SIGTERM: /ready turns 503, new connections are refused, an in-flight stream ends
-    normally, and the process exits 0."""
-    port, discovery = free_port(24000), free_port(24500)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "moriio_proxy",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--discovery-host",
-            "127.0.0.1",
-            "--discovery-port",
-            str(discovery),
-            "--drain-timeout",
-            "10",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    async def scenario() -> None:
-        sims = [
-            SimInstance(SimConfig(role=r, proxy=f"127.0.0.1:{discovery}", heartbeat_interval=0.2,
-                                  token_latency=0.05))
-            for r in "PD"
-        ]  # fmt: skip
-        for sim in sims:
-            await sim.start()
-        try:
-            async with aiohttp.ClientSession() as s:
-                for _ in range(100):
-                    try:
-                        async with s.get(base + "/ready") as r:
-                            if r.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        pass
-                    await asyncio.sleep(0.1)
-                body = completion(30, stream=True)
-                async with s.post(base + "/v1/completions", json=body) as resp:
-                    assert resp.status == 200
-                    await resp.content.readline()
-                    os.kill(proc.pid, signal.SIGTERM)
-                    await asyncio.sleep(0.3)
-                    with pytest.raises(aiohttp.ClientConnectionError):
-                        async with aiohttp.ClientSession() as other:
-                            await other.get(base + "/ready")
-                    events = await read_sse(resp)
-                assert events[-1] == "[DONE]"
-                assert not any("error" in e for e in events[:-1] if isinstance(e, dict))
-        finally:
-            for sim in sims:
-                await sim.stop()
-
-    try:
-        asyncio.run(scenario())
-        assert proc.wait(timeout=15) == 0, proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+async def test_sigterm_drains_in_flight_streams_and_refuses_new_ones():
+    """SIGTERM: new connections are refused, an in-flight stream ends normally, and the
+    process exits 0."""
+    async with serve_process("--drain-timeout", "10") as running:
+        for role in "PD":
+            await running.add_sim(role, token_latency=0.05)
+        await running.wait_ready()
+        body = completion(30, stream=True)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(running.url + "/v1/completions", json=body) as resp,
+        ):
+            assert resp.status == 200
+            await resp.content.readline()
+            running.proc.send_signal(signal.SIGTERM)
+            await refuses_connections(running.url + "/ready")
+            events = await read_sse(resp)
+        assert events[-1] == "[DONE]"
+        assert not any("error" in e for e in events[:-1] if isinstance(e, dict))
+        code = await asyncio.wait_for(running.proc.wait(), STOP_TIMEOUT)
+        assert code == 0, running.log_text()
 
 
 # ------------------------------------------------------------ injected instance faults
@@ -295,7 +248,7 @@ async def test_failing_prefill_is_one_clear_error_and_cancels_the_decode(mode: s
             assert status == 502
             assert events[0]["error"]["code"] == 502
             assert "prefill" in events[0]["error"]["message"]
-            assert took < 1.0
+            assert took < PROMPTLY
         # The decode never got to wait for KV that will not come.
         await proxy.wait_for(lambda: decode.pending_kv_waiters() == 0)
         assert decode.stats.completed == 0
@@ -323,15 +276,15 @@ async def test_failing_prefill_is_retried_on_another_pair(mode: str):
 
 async def test_write_decode_failure_cancels_a_running_prefill():
     async with running_proxy(max_retries=0) as proxy:
-        prefill = await proxy.add_sim("P", mode="WRITE", prefill_latency=2.0)
+        prefill = await proxy.add_sim("P", mode="WRITE", prefill_latency=FOREVER)
         decode = await proxy.add_sim("D", mode="WRITE")
         await proxy.wait_registered(1, 1)
         await decode.set_faults(status=500)
         status, payload, took = await post(proxy.url, completion())
         assert status == 502
         assert "decode" in payload["error"]["message"]
-        assert took < 1.0
-        await proxy.wait_for(lambda: prefill.stats.cancelled == 1, timeout=1.0)
+        assert took < PROMPTLY
+        await proxy.wait_for(lambda: prefill.stats.cancelled == 1)
         await decode.set_faults(status=None)
         prefill.config.prefill_latency = 0.0
         await next_request_succeeds(proxy)
@@ -350,7 +303,7 @@ async def test_decode_dying_mid_stream_ends_with_an_error_event(mode: str):
         assert "".join(texts) == expected_text(PROMPT, 3)
         assert events[-2]["error"]["code"] == 502
         assert events[-1] == "[DONE]"
-        assert took < 2.0
+        assert took < PROMPTLY
         await decode.set_faults(die_after_tokens=None)
         await next_request_succeeds(proxy)
 
@@ -381,16 +334,22 @@ async def test_stalled_prefill_times_out_and_is_cancelled(mode: str):
         await prefill.set_faults(stall_first_byte=float("inf"))
         status, _payload, took = await post(proxy.url, completion())
         assert status == 504
-        assert took < 1.5
-        await proxy.wait_for(lambda: prefill.stats.cancelled == 1, timeout=1.0)
-        await proxy.wait_for(lambda: decode.pending_kv_waiters() == 0, timeout=1.0)
+        assert took < PROMPTLY
+        await proxy.wait_for(lambda: prefill.stats.cancelled == 1)
+        await proxy.wait_for(lambda: decode.pending_kv_waiters() == 0)
         await prefill.set_faults(stall_first_byte=None)
         await next_request_succeeds(proxy)
 
 
 async def test_unreachable_instance_that_still_heartbeats_is_ejected_then_retried():
+    clock = JumpingClock()
+    # A TTL far beyond the jump below: skipping the cooling period silences no one.
     async with running_proxy(
-        prefill_policy="round_robin", eject_after=2, eject_seconds=1.0
+        clock=clock,
+        prefill_policy="round_robin",
+        eject_after=2,
+        eject_seconds=60,
+        instance_ttl=600,
     ) as proxy:
         flaky = await proxy.add_sim("P")
         await proxy.add_sim("P")
@@ -403,7 +362,8 @@ async def test_unreachable_instance_that_still_heartbeats_is_ejected_then_retrie
             assert (await post(proxy.url, completion(prompt=f"{PROMPT} {i}")))[0] == 200
         assert registry.is_ejected(entry)  # heartbeats kept arriving all along
         await flaky.set_faults(refuse_connections=False)
-        await asyncio.sleep(1.1)  # the cooling period ends; it is tried again and serves
+        clock.advance(61)  # the cooling period ends; it is tried again and serves
+        assert not registry.is_ejected(entry)
         before = flaky.stats.completed
         for i in range(4):
             assert (await post(proxy.url, completion(prompt=f"again {i}")))[0] == 200

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,8 @@ from moriio_proxy.discovery.kubernetes.source import KubernetesDiscovery
 from moriio_proxy.metrics import Metrics
 from moriio_proxy.protocol import Instance
 from moriio_proxy.registry import Registry
-from tests.k8s_fake import FakeKubeAPI, make_pod
+from tests.harness.kube import FakeKubeAPI, make_pod
+from tests.harness.waiting import STATE_TIMEOUT, eventually
 
 
 @dataclass
@@ -37,17 +37,10 @@ class Env:
     discovery: KubernetesDiscovery
     removed: list[tuple[str, str, str]] = field(default_factory=list)
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not reached in time")
-            await asyncio.sleep(0.01)
-
     async def seen(self, role: str, version: int) -> None:
         """Wait until discovery processed ``version`` on the watch of ``role``."""
         discovery = self.discovery
-        await self.wait_for(
+        await eventually(
             lambda: int(discovery.resource_versions[role] or 0) >= version  # type: ignore[index]
         )
 
@@ -99,7 +92,7 @@ async def start() -> AsyncIterator[Start]:
         registry.instance_removed.connect(removed, sender=registry, weak=False)
         envs.append(env)
         await discovery.start()
-        await asyncio.wait_for(discovery.ready.wait(), 3)
+        await asyncio.wait_for(discovery.ready.wait(), STATE_TIMEOUT)
         await api.wait_watching(2)
         return env
 
@@ -190,7 +183,7 @@ async def test_an_address_two_pods_claim_outlives_the_first(start: Start) -> Non
 async def test_resync_restores_an_entry_removed_behind_its_back(start: Start) -> None:
     env = await start(make_pod("p0"))
     env.registry.remove(("P", "10.0.0.1:20005"), reason="test")
-    await env.wait_for(lambda: env.addresses("P") == ["10.0.0.1:20005"])
+    await eventually(lambda: env.addresses("P") == ["10.0.0.1:20005"])
 
 
 async def test_bad_annotations_are_skipped_logged_and_counted(
@@ -218,7 +211,7 @@ async def test_bad_annotations_are_skipped_logged_and_counted(
 
     # A re-list sees the same pod versions: not counted again.
     await env.api.drop_watches(abort=True)
-    await env.wait_for(lambda: env.api.list_calls >= 4)
+    await eventually(lambda: env.api.list_calls >= 4)
     await env.api.wait_watching(2)
     assert env.rejected("k8s_bad_annotations") == 3
 
@@ -228,11 +221,11 @@ async def test_dropped_stream_relists_and_removes_what_vanished(start: Start) ->
     lists = env.api.list_calls
     env.api.lists_open.clear()  # hold the re-list until the pod is gone
     await env.api.drop_watches(abort=True)  # connection cut: no final chunk
-    await env.wait_for(lambda: env.api.list_calls > lists)
+    await eventually(lambda: env.api.list_calls > lists)
     await env.api.delete("p1")
     env.api.compact()  # the DELETED event is not replayable either
     env.api.lists_open.set()
-    await env.wait_for(lambda: env.addresses("P") == ["10.0.0.1:20005"])
+    await eventually(lambda: env.addresses("P") == ["10.0.0.1:20005"])
     assert ("P", "10.0.0.2:20005", "pod_gone") in env.removed
     await env.api.wait_watching(2)  # and watching again
 
@@ -247,7 +240,7 @@ async def test_clean_end_resumes_from_the_last_version(start: Start) -> None:
     await env.api.drop_watches(abort=False)  # as at the server's timeout
     await env.api.delete("p1")  # happens while nobody watches
     env.api.watches_open.set()
-    await env.wait_for(lambda: env.addresses("P") == ["10.0.0.1:20005"])
+    await eventually(lambda: env.addresses("P") == ["10.0.0.1:20005"])
     assert env.removed == [("P", "10.0.0.2:20005", "pod_deleted")]  # replayed event
     assert env.api.list_calls == lists  # resumed, no re-list needed
 
@@ -262,7 +255,7 @@ async def test_gone_triggers_a_relist(start: Start, as_http: bool) -> None:
     await env.api.delete("p1")
     env.api.compact()  # resuming from the old version now answers 410 Gone
     env.api.watches_open.set()
-    await env.wait_for(lambda: env.addresses("P") == ["10.0.0.1:20005"])
+    await eventually(lambda: env.addresses("P") == ["10.0.0.1:20005"])
     assert env.removed == [("P", "10.0.0.2:20005", "pod_gone")]
     assert env.api.list_calls > lists
 
@@ -282,7 +275,7 @@ async def test_api_errors_are_retried_until_the_first_list(
     )
     try:
         await discovery.start()
-        await asyncio.wait_for(discovery.ready.wait(), 3)
+        await asyncio.wait_for(discovery.ready.wait(), STATE_TIMEOUT)
         assert len(registry.entries()) == 2
         assert "HTTP 403" in caplog.text and "Role and RoleBinding" in caplog.text
     finally:
@@ -296,7 +289,7 @@ async def test_mode_conflict_is_refused_then_retried(start: Start) -> None:
         make_pod("d0", "decode", "10.0.0.2", mode="WRITE"),
         pinned=None,
     )
-    await env.wait_for(lambda: env.rejected("mode_conflict") >= 1)
+    await eventually(lambda: env.rejected("mode_conflict") >= 1)
     (entry,) = env.registry.entries()  # whichever role listed first set the mode
     assert env.registry.mode == entry.instance.transfer_mode
     refused = "D" if entry.instance.role == "P" else "P"
@@ -304,7 +297,7 @@ async def test_mode_conflict_is_refused_then_retried(start: Start) -> None:
     # The conflict ends when the pod in force goes: the refused one is retried.
     kept = "p0" if refused == "D" else "d0"
     await env.api.delete(kept)
-    await env.wait_for(lambda: len(env.addresses(refused)) == 1)
+    await eventually(lambda: len(env.addresses(refused)) == 1)
 
 
 async def test_mode_conflict_with_a_pinned_mode(start: Start) -> None:
@@ -322,7 +315,7 @@ async def test_stop_cancels_cleanly(start: Start) -> None:
     tasks = list(env.discovery._tasks)
     await env.discovery.stop()
     assert all(t.done() for t in tasks) and not env.discovery._tasks
-    await env.wait_for(lambda: env.api.active_watches == 0)
+    await eventually(lambda: env.api.active_watches == 0)
     await env.discovery.stop()  # idempotent
     assert len(env.registry.entries()) == 2  # as with Discovery: stopping clears nothing
 
@@ -351,7 +344,7 @@ current-context: fake
     )
     try:
         await discovery.start()
-        await asyncio.wait_for(discovery.ready.wait(), 3)
+        await asyncio.wait_for(discovery.ready.wait(), STATE_TIMEOUT)
         assert api.authorization == "Bearer s3cret"
         assert [e.instance.http_address for e in registry.entries()] == ["10.0.0.1:20005"]
     finally:

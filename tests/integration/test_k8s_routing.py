@@ -13,7 +13,7 @@ pytest.importorskip("kubernetes_asyncio", reason="needs the k8s extra (kubernete
 
 from moriio_proxy.sim import SimConfig, SimInstance, expected_text
 from tests.harness import running_proxy
-from tests.k8s_fake import FakeKubeAPI, make_pod
+from tests.harness.kube import FakeKubeAPI, make_pod
 
 
 def pod_for(name: str, role: str, sim: SimInstance) -> dict:

@@ -9,110 +9,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
-import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
-from moriio_proxy.compat import timeout_after
-from moriio_proxy.sim import SimConfig, SimInstance, expected_text
-from tests.harness import read_sse
-
-ROOT = Path(__file__).resolve().parents[2]
-SERVING = re.compile(
-    rb"serving OpenAI on http://127\.0\.0\.1:(\d+) with (\d+) workers "
-    rb"\(discovery: tcp://127\.0\.0\.1:(\d+)\)"
-)
+from moriio_proxy.sim import expected_text
+from tests.harness import eventually, read_sse
+from tests.harness.serve import STOP_TIMEOUT, ServeProcess, serve_process
 
 
-@dataclass
-class Fleet:
-    proc: asyncio.subprocess.Process
-    url: str
-    discovery: str
-    log: list[bytes] = field(default_factory=list)
-    sims: list[SimInstance] = field(default_factory=list)
-
-    def workers(self) -> list[int]:
-        """The supervisor's worker processes (multiprocessing's spawn children)."""
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        pids = []
-        for pid in children.split():
-            with contextlib.suppress(OSError):
-                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    pids.append(int(pid))
-        return pids
+def workers(running: ServeProcess) -> list[int]:
+    """The supervisor's worker processes (multiprocessing's spawn children)."""
+    pid = running.proc.pid
+    pids = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                pids.append(int(child))
+    return pids
 
 
-async def _pump(stream: asyncio.StreamReader, sink: list[bytes]) -> None:
-    while line := await stream.readline():
-        sink.append(line)
-
-
-@contextlib.asynccontextmanager
-async def fleet(workers: int = 2, *extra: str) -> AsyncIterator[Fleet]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "moriio_proxy", "serve", "--workers", str(workers),
-        "--host", "127.0.0.1", "--port", "0", "--discovery-host", "127.0.0.1",
-        "--discovery-port", "0", "--instance-ttl", "3", *extra,
-        cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    log: list[bytes] = []
-    pump: asyncio.Task[None] | None = None
-    sims: list[SimInstance] = []
-    try:
-        async with timeout_after(60):
-            while True:
-                line = await proc.stderr.readline()
-                assert line, b"".join(log).decode()
-                log.append(line)
-                if match := SERVING.search(line):
-                    break
-        pump = asyncio.ensure_future(_pump(proc.stderr, log))
-        port, count, discovery = match.groups()
-        assert int(count) == workers
-        url, address = f"http://127.0.0.1:{int(port)}", f"127.0.0.1:{int(discovery)}"
-        yield Fleet(proc, url, address, log, sims)
-    finally:
-        for sim in sims:
-            await sim.stop()
-        if proc.returncode is None:
-            proc.terminate()  # the supervisor stops its workers; killed, it could not
-            try:
-                async with timeout_after(30):
-                    await proc.wait()
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if pump is not None:
-            pump.cancel()
+def fleet(n: int = 2, *extra: str) -> contextlib.AbstractAsyncContextManager[ServeProcess]:
+    return serve_process("--workers", str(n), "--instance-ttl", "3", *extra)
 
 
 def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float) -> None:
-    """Wait until ``predicate()`` holds (checked every 0.1 s), at most ``timeout`` s."""
-    async with timeout_after(timeout):
-        while not predicate():
-            await asyncio.sleep(0.1)
-            if predicate():
-                return
-
-
-async def add_sims(running: Fleet, **kwargs: object) -> None:
+async def add_sims(running: ServeProcess, **settings: object) -> None:
     for role in "PD":
-        sim = SimInstance(
-            SimConfig(role=role, proxy=running.discovery, heartbeat_interval=0.2, **kwargs)  # type: ignore[arg-type]
-        )
-        await sim.start()
-        running.sims.append(sim)
+        await running.add_sim(role, **settings)
 
 
 def fresh() -> aiohttp.ClientSession:
@@ -124,17 +52,6 @@ def fresh() -> aiohttp.ClientSession:
 async def get_json(url: str) -> tuple[int, dict]:
     async with fresh() as s, s.get(url) as resp:
         return resp.status, await resp.json(content_type=None)
-
-
-async def wait_ready(running: Fleet) -> None:
-    """Ready on every worker: several fresh connections in a row all say so."""
-    async with timeout_after(30):
-        streak = 0
-        while streak < 8:
-            status, _ = await get_json(running.url + "/ready")
-            streak = streak + 1 if status == 200 else 0
-            if status != 200:
-                await asyncio.sleep(0.1)
 
 
 async def complete(url: str, prompt: str, stream: bool = False) -> str:
@@ -162,9 +79,9 @@ async def scrape(url: str) -> str:
 
 async def test_workers_share_the_port_the_instances_and_the_metrics():
     async with fleet(2) as running:
-        assert len(running.workers()) == 2
+        assert running.serving.workers == 2 and len(workers(running)) == 2
         await add_sims(running)
-        await wait_ready(running)
+        await running.wait_ready(times=8)
         prompts = [f"worker test prompt {i}" for i in range(24)]
         texts = await asyncio.gather(*(complete(running.url, p, stream=i % 2 == 1)
                                        for i, p in enumerate(prompts)))  # fmt: skip
@@ -191,17 +108,17 @@ async def test_workers_share_the_port_the_instances_and_the_metrics():
 async def test_fleet_inflight_is_the_sum_over_workers():
     async with fleet(2) as running:
         await add_sims(running, token_latency=0.2)
-        await wait_ready(running)
+        await running.wait_ready(times=8)
         started = [asyncio.ensure_future(complete(running.url, f"slow {i}", stream=True))
                    for i in range(6)]  # fmt: skip
-        try:
-            async with timeout_after(10):
-                while True:  # reports reach the supervisor once a second, snapshots follow
-                    _, view = await get_json(running.url + "/admin/instances")
-                    decode = next(i for i in view["instances"] if i["role"] == "D")
-                    if decode["inflight"] == 6:
-                        break
-                    await asyncio.sleep(0.1)
+
+        async def six_on_the_decode() -> bool:
+            _, view = await get_json(running.url + "/admin/instances")
+            decode = next(i for i in view["instances"] if i["role"] == "D")
+            return bool(decode["inflight"] == 6)
+
+        try:  # reports reach the supervisor once a second, snapshots follow
+            await eventually(six_on_the_decode, interval=0.1, what="the fleet's inflight")
         finally:
             await asyncio.gather(*started)
 
@@ -209,24 +126,24 @@ async def test_fleet_inflight_is_the_sum_over_workers():
 async def test_a_dead_worker_is_replaced():
     async with fleet(2) as running:
         await add_sims(running)
-        await wait_ready(running)
-        victim = running.workers()[0]
+        await running.wait_ready(times=8)
+        victim = workers(running)[0]
         os.kill(victim, signal.SIGKILL)
-        async with timeout_after(30):
-            while True:
-                workers = running.workers()
-                if len(workers) == 2 and victim not in workers:
-                    break
-                await asyncio.sleep(0.1)
-        await wait_ready(running)
+
+        def replaced() -> bool:
+            now = workers(running)
+            return len(now) == 2 and victim not in now
+
+        await eventually(replaced, interval=0.1, what="a new worker")
+        await running.wait_ready(times=8)
         assert await complete(running.url, "after a restart") == expected_text("after a restart", 6)
-        assert any(b"restarting it" in line for line in running.log)
+        await eventually(lambda: "restarting it" in running.log_text())
 
 
 async def test_sigterm_drains_every_worker_and_exits_0():
     async with fleet(2, "--drain-timeout", "10") as running:
         await add_sims(running, token_latency=0.05)
-        await wait_ready(running)
+        await running.wait_ready(times=8)
         body = {"model": "sim-model", "prompt": "drain me", "max_tokens": 30, "stream": True}
         async with (
             aiohttp.ClientSession() as s,
@@ -238,14 +155,13 @@ async def test_sigterm_drains_every_worker_and_exits_0():
             events = await read_sse(resp)
         assert events[-1] == "[DONE]"
         assert not any("error" in e for e in events if isinstance(e, dict))
-        async with timeout_after(20):
-            assert await running.proc.wait() == 0
+        assert await asyncio.wait_for(running.proc.wait(), STOP_TIMEOUT) == 0
 
 
 async def test_workers_of_a_killed_supervisor_shut_down():
     async with fleet(2) as running:
-        workers = running.workers()
+        pids = workers(running)
         running.proc.kill()  # no chance to stop them itself
         await running.proc.wait()
-        await eventually(lambda: not any(alive(pid) for pid in workers), timeout=20)
-        assert any(b"the supervisor is gone" in line for line in running.log)
+        await eventually(lambda: not any(alive(pid) for pid in pids), what="workers gone")
+        await eventually(lambda: "the supervisor is gone" in running.log_text())

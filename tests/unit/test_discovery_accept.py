@@ -15,6 +15,7 @@ import pytest
 from moriio_proxy.discovery import Discovery
 from moriio_proxy.metrics import Metrics
 from moriio_proxy.registry import Registry
+from tests.harness.clock import ManualClock
 
 IDENTITY = b"\x00\x8bEg\x01"
 
@@ -35,16 +36,8 @@ D_READ = {
 }
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make(allow=(), pinned_mode=None):
-    registry = Registry(ttl=10.0, pinned_mode=pinned_mode, clock=FakeClock())
+    registry = Registry(ttl=10.0, pinned_mode=pinned_mode, clock=ManualClock())
     metrics = Metrics()
     discovery = Discovery(registry, metrics, host="127.0.0.1", port=0, allow=allow)
     return discovery, registry, metrics

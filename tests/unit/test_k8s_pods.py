@@ -7,8 +7,6 @@ this needs kubernetes-asyncio or a socket.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -22,7 +20,7 @@ from moriio_proxy.discovery.kubernetes.pods import (
     pod_version,
 )
 from moriio_proxy.protocol import Instance
-from tests.k8s_fake import make_pod
+from tests.harness.kube import make_pod
 
 
 def test_pod_instance_builds_the_heartbeat_shape() -> None:
@@ -144,19 +142,3 @@ def test_as_mapping_keeps_objects_and_empties_the_rest() -> None:
     obj = {"a": 1}
     assert as_mapping(obj) is obj
     assert as_mapping(None) == {} and as_mapping([("a", 1)]) == {} and as_mapping("a") == {}
-
-
-def test_the_pod_rules_and_config_import_without_the_k8s_extra() -> None:
-    """Only discovery.kubernetes.api may need kubernetes-asyncio (the optional extra)."""
-    code = (
-        "import sys; sys.modules['kubernetes_asyncio'] = None\n"
-        "import moriio_proxy.config, moriio_proxy.discovery.kubernetes.pods\n"
-        "try:\n"
-        "    import moriio_proxy.discovery.kubernetes.source\n"
-        "except ImportError as exc:\n"
-        "    print(exc)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert "pip install 'moriio-proxy[k8s]'" in result.stdout

@@ -13,14 +13,7 @@ from moriio_proxy.discovery.mirror import (
 )
 from moriio_proxy.protocol import Instance
 from moriio_proxy.registry import Registry
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.harness.clock import ManualClock
 
 
 def instance(role: str, address: str, mode: str = "READ", dp: int = 1) -> Instance:
@@ -35,7 +28,7 @@ def mirrored(source: Registry, fleet: dict | None = None) -> Registry:
 
 
 def test_a_worker_sees_the_supervisors_instances_ages_and_silences():
-    clock = Clock()
+    clock = ManualClock()
     source = Registry(10.0, clock=clock)
     source.upsert(instance("P", "10.0.0.1:20005", dp=2))
     source.upsert(instance("D", "10.0.0.2:40005"), static=True)
@@ -52,7 +45,7 @@ def test_a_worker_sees_the_supervisors_instances_ages_and_silences():
 
 
 def test_instances_gone_from_the_snapshot_leave_the_worker():
-    clock = Clock()
+    clock = ManualClock()
     source = Registry(10.0, clock=clock)
     source.upsert(instance("P", "10.0.0.1:20005"))
     source.upsert(instance("D", "10.0.0.2:40005"))
@@ -63,7 +56,7 @@ def test_instances_gone_from_the_snapshot_leave_the_worker():
 
 
 def test_a_fleet_that_changed_mode_is_taken_in_one_snapshot():
-    clock = Clock()
+    clock = ManualClock()
     source = Registry(10.0, clock=clock)
     source.upsert(instance("P", "10.0.0.1:20005", mode="READ"))
     replica = mirrored(source)
@@ -75,7 +68,7 @@ def test_a_fleet_that_changed_mode_is_taken_in_one_snapshot():
 
 
 def test_fleet_inflight_is_the_sum_of_the_workers_reports():
-    clock = Clock()
+    clock = ManualClock()
     worker_a, worker_b = Registry(10.0, clock=clock), Registry(10.0, clock=clock)
     for registry in (worker_a, worker_b):
         registry.upsert(instance("P", "10.0.0.1:20005", dp=2))

@@ -20,7 +20,7 @@ from moriio_proxy.policies import (
     make_prefill_policy,
 )
 from moriio_proxy.protocol import Instance
-from tests.unit.entries import entry
+from tests.harness.entries import entry
 
 
 def test_round_robin_cycles():

@@ -10,14 +10,6 @@ from moriio_proxy.protocol import Instance
 from moriio_proxy.registry import Registry
 
 
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def instance(role="P", address="10.0.0.1:20005", mode="READ", dp_size=1, **kw) -> Instance:
     host = address.rpartition(":")[0]
     fields = {
@@ -28,11 +20,6 @@ def instance(role="P", address="10.0.0.1:20005", mode="READ", dp_size=1, **kw) -
         **kw,
     }
     return Instance(role=role, http_address=address, dp_size=dp_size, transfer_mode=mode, **fields)
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
 
 
 @pytest.fixture

@@ -14,23 +14,7 @@ from typing import Any
 import pytest
 
 from moriio_proxy.views import AdminInstances, InstanceView, JsonView, ViewError
-
-# The keys the endpoint has always served, in its order: scripts and dashboards read them.
-INSTANCE_KEYS = [
-    "role",
-    "http_address",
-    "zmq_address",
-    "transfer_mode",
-    "dp_size",
-    "tp_size",
-    "static",
-    "age_seconds",
-    "seconds_since_heartbeat",
-    "state",
-    "consecutive_failures",
-    "inflight",
-    "inflight_by_dp_rank",
-]
+from tests.harness.contract import INSTANCE_KEYS
 
 
 def instance(**changes: Any) -> dict[str, Any]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import aiohttp
 
 from moriio_proxy.sim import chat_prompt_text, expected_text
-from tests.integration.sim.support import PROMPT, post, post_sse, sim, wait_for, words
+from tests.harness.legs import PROMPT, post, post_sse, sim, words
+from tests.harness.waiting import eventually
 
 
 async def test_plain_completion_exact_tokens_and_usage(http: aiohttp.ClientSession) -> None:
@@ -195,6 +196,6 @@ async def test_client_disconnect_mid_stream_is_recorded(http: aiohttp.ClientSess
         ) as r:
             await r.content.readline()
             r.close()
-        await wait_for(lambda: p.stats.cancelled)
+        await eventually(lambda: p.stats.cancelled)
         assert p.stats.cancelled == 1
         assert p.legs[-1].cancelled and not p.legs[-1].finished

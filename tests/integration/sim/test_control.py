@@ -7,7 +7,7 @@ import math
 import aiohttp
 
 from moriio_proxy.sim import SimFaults
-from tests.integration.sim.support import prefill_body, prefill_params, sim
+from tests.harness.legs import prefill_body, prefill_params, sim
 
 
 async def test_control_endpoints(http: aiohttp.ClientSession) -> None:

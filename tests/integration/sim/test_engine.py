@@ -8,15 +8,8 @@ import asyncio
 import aiohttp
 
 from moriio_proxy.sim import EOS_MARKER, expected_text
-from tests.integration.sim.support import (
-    PROMPT,
-    post,
-    prefill_body,
-    prefill_params,
-    sim,
-    wait_for,
-    words,
-)
+from tests.harness.legs import PROMPT, post, prefill_body, prefill_params, sim, words
+from tests.harness.waiting import STATE_TIMEOUT, eventually
 
 
 async def test_prefill_leg_shape(http: aiohttp.ClientSession) -> None:
@@ -60,7 +53,7 @@ async def test_defer_timeout_reaps_blocks(http: aiohttp.ClientSession) -> None:
     async with sim("P", defer_timeout=0.2) as p:
         await post(http, p, prefill_body(prefill_params("tx-r")))
         assert p.held_transfers() == 1
-        await wait_for(lambda: p.held_transfers() == 0)
+        await eventually(lambda: p.held_transfers() == 0)
         assert p.stats.blocks_reaped == 1
 
 
@@ -108,10 +101,10 @@ async def test_plain_request_to_write_decode_is_correct(http: aiohttp.ClientSess
 async def test_engine_death_fails_other_inflight_requests(http: aiohttp.ClientSession) -> None:
     async with sim("P", mode="WRITE", token_latency=0.05) as p:
         slow = asyncio.ensure_future(post(http, p, {"prompt": PROMPT, "max_tokens": 50}))
-        await wait_for(lambda: p.stats.per_rank)  # the engine is generating for it
+        await eventually(lambda: p.stats.per_rank)  # the engine is generating for it
         bad = prefill_params("tx-z")  # no peer address at all: add_new_req raises
         status, _ = await post(http, p, prefill_body(bad))
         assert status == 500
-        status, body = await asyncio.wait_for(slow, 5)
+        status, body = await asyncio.wait_for(slow, STATE_TIMEOUT)
         assert status == 500
         assert body["error"]["message"].startswith("EngineCore died:")

@@ -20,15 +20,9 @@ import zmq
 import zmq.asyncio
 
 from moriio_proxy.sim import SimFaults, expected_text
-from tests.integration.sim.support import (
-    PROMPT,
-    data_lines,
-    prefill_body,
-    prefill_params,
-    read_sse,
-    sim,
-    wait_for,
-)
+from tests.harness.legs import PROMPT, prefill_body, prefill_params, sim
+from tests.harness.sse import read_sse_until_cut, sse_events
+from tests.harness.waiting import PROMPTLY, STATE_TIMEOUT, eventually
 
 
 async def test_status_fault_vllm_error_shape(http: aiohttp.ClientSession) -> None:
@@ -69,7 +63,7 @@ async def test_die_after_tokens_cuts_stream_after_exactly_k_chunks(
         body = {"prompt": PROMPT, "max_tokens": 10, "stream": True}
         async with http.post(p.url + "/v1/completions", json=body) as r:
             assert r.status == 200
-            events, error = await read_sse(r)
+            events, error = await read_sse_until_cut(r)
         assert isinstance(error, aiohttp.ClientPayloadError)
         assert "[DONE]" not in events and len(events) == 3
         assert "".join(e["choices"][0]["text"] for e in events) == expected_text(PROMPT, 3)
@@ -82,14 +76,14 @@ async def test_die_after_tokens_cuts_stream_after_exactly_k_chunks(
         # chat: the role chunk, then k token chunks
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9, "stream": True}
         async with http.post(p.url + "/v1/chat/completions", json=chat) as r:
-            events, error = await read_sse(r)
+            events, error = await read_sse_until_cut(r)
         assert isinstance(error, aiohttp.ClientPayloadError)
         assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
         assert len(events) == 1 + 3
 
         # a request shorter than k completes normally and is not counted
         async with http.post(p.url + "/v1/completions", json=dict(body, max_tokens=2)) as r:
-            events, error = await read_sse(r)
+            events, error = await read_sse_until_cut(r)
         assert error is None and events[-1] == "[DONE]"
         assert p.stats.faults_applied == {"die_after_tokens": 2}
         assert p.stats.completed == 1
@@ -106,7 +100,7 @@ async def test_die_after_tokens_prefill_leg_gets_no_response(
                 await r.read()
         # the engine had finished the one token: 0.32 holds the blocks until defer_timeout
         assert p.held_transfers() == 1
-        await wait_for(lambda: p.held_transfers() == 0)
+        await eventually(lambda: p.held_transfers() == 0)
         assert p.stats.blocks_reaped == 1
 
         p.faults.die_after_tokens = 0  # cut before any token: the engine request is aborted
@@ -115,7 +109,7 @@ async def test_die_after_tokens_prefill_leg_gets_no_response(
                 p.url + "/v1/completions", json=prefill_body(prefill_params("tx-0"))
             ) as r:
                 await r.read()
-        await wait_for(lambda: p.held_transfers() == 0)
+        await eventually(lambda: p.held_transfers() == 0)
         assert p.stats.faults_applied == {"die_after_tokens": 2}
         assert p.stats.completed == 0 and p.dead_reason is None
 
@@ -131,8 +125,8 @@ async def test_stall_first_byte_forever_then_client_gives_up(
                 timeout=aiohttp.ClientTimeout(total=0.3),
             ) as r:
                 await r.read()
-        took = await wait_for(lambda: p.legs[-1].cancelled, timeout=0.5)
-        assert took < 0.1
+        # The hang-up is noticed at once: the stall itself would never end.
+        await eventually(lambda: p.legs[-1].cancelled, timeout=PROMPTLY)
         leg = p.legs[-1]
         assert leg.faults == ["stall_first_byte"] and not leg.started and not leg.finished
         assert p.stats.cancelled == 1 and p.held_transfers() == 0
@@ -143,51 +137,53 @@ async def test_stall_first_byte_forever_then_client_gives_up(
         body = {"prompt": PROMPT, "max_tokens": 3, "stream": True}
         async with http.post(p.url + "/v1/completions", json=body) as r:
             headers_at = time.monotonic() - t0
-            events, error = await read_sse(r)
+            events, error = await read_sse_until_cut(r)
         assert headers_at >= 0.2 and error is None and events[-1] == "[DONE]"
         assert p.stats.faults_applied == {"stall_first_byte": 2}
 
         # stopping the instance answers a request stalled forever (503), it does not hang
         p.faults.stall_first_byte = math.inf
         task = asyncio.ensure_future(http.post(p.url + "/v1/completions", json=body))
-        await wait_for(lambda: p.stats.faults_applied["stall_first_byte"] == 3)
+        await eventually(lambda: p.stats.faults_applied["stall_first_byte"] == 3)
         t0 = time.monotonic()
         await p.stop()
-        r = await asyncio.wait_for(task, 2)
-        assert r.status == 503 and time.monotonic() - t0 < 1.0
+        r = await asyncio.wait_for(task, STATE_TIMEOUT)
+        assert r.status == 503 and time.monotonic() - t0 < PROMPTLY  # the stall never ends
         r.release()
 
 
 async def test_stall_after_tokens_mid_stream(http: aiohttp.ClientSession) -> None:
-    faults = SimFaults(stall_after_tokens=(2, 0.3))
+    stall = 2.0
+    faults = SimFaults(stall_after_tokens=(2, stall))
     async with sim("D", mode="WRITE", token_latency=0.002, faults=faults) as d:
         body = {"prompt": PROMPT, "max_tokens": 5, "stream": True}
         async with http.post(d.url + "/v1/completions", json=body) as r:
             stamps: list[float] = []
             events: list[Any] = []
             async for raw in r.content:
-                new = data_lines(raw)
+                new = sse_events(raw)
                 stamps.extend(time.monotonic() for _ in new)
                 events.extend(new)
         assert events[-1] == "[DONE]"
         assert "".join(e["choices"][0]["text"] for e in events[:-1]) == expected_text(PROMPT, 5)
         gaps = [b - a for a, b in itertools.pairwise(stamps)]
-        assert gaps[1] >= 0.28  # between token 2 and token 3
-        assert max(gaps[:1] + gaps[2:]) < 0.2
+        # Stamped as this client reads them, so a busy machine shifts each either way: the
+        # stall (between token 2 and token 3) need only stand out from the rest by far.
+        assert gaps[1] > stall / 2
+        assert max(gaps[:1] + gaps[2:]) < stall / 2
 
         # silent forever: the connection stays open until the client leaves
         d.faults = SimFaults(stall_after_tokens=(2, "inf"))  # type: ignore[arg-type]
         async with http.post(d.url + "/v1/completions", json=body) as r:
             got = []
             while len(got) < 2:
-                got.extend(data_lines(await r.content.readline()))
+                got.extend(sse_events(await r.content.readline()))
             assert await r.content.readline() == b"\n"  # the end of event 2
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(r.content.readline(), 0.2)
             assert not r.content.at_eof()
             r.close()
-        took = await wait_for(lambda: d.legs[-1].cancelled, timeout=0.5)
-        assert took < 0.1
+        await eventually(lambda: d.legs[-1].cancelled, timeout=PROMPTLY)  # the stall never ends
         assert d.legs[-1].faults == ["stall_after_tokens"]
         assert d.stats.faults_applied == {"stall_after_tokens": 2}
 
@@ -215,14 +211,14 @@ async def test_refuse_connections_keeps_heartbeating(http: aiohttp.ClientSession
             assert slow.status == 200
 
             d.faults.refuse_connections = True  # a mutation takes effect within ~20 ms
-            await wait_for(lambda: d.refusing, timeout=0.5)
+            await eventually(lambda: d.refusing)
             for session in (http, None):  # pooled keep-alive connection, then a fresh one
                 async with contextlib.AsyncExitStack() as stack:
                     s = session or await stack.enter_async_context(aiohttp.ClientSession())
                     with pytest.raises(aiohttp.ClientConnectorError):
                         async with s.post(url + "/v1/completions", json=body):
                             pass
-            events, error = await read_sse(slow)  # the in-flight request was unaffected
+            events, error = await read_sse_until_cut(slow)  # the in-flight request was unaffected
             assert error is None and events[-1] == "[DONE]" and len(events) == 16
             slow.release()
 

@@ -8,7 +8,9 @@ import aiohttp
 import pytest
 
 from moriio_proxy.sim import SimConfig, SimInstance, kv_fingerprint, run_sim
-from tests.integration.sim.support import PROMPT, wait_for
+from moriio_proxy.testing import parse_sim_started
+from tests.harness.legs import PROMPT
+from tests.harness.waiting import STATE_TIMEOUT, eventually
 
 
 async def test_stop_is_idempotent_and_fingerprint_stable() -> None:
@@ -29,15 +31,15 @@ async def test_run_sim_returns_1_when_the_engine_dies(
 
     def started() -> bool:
         printed.append(capsys.readouterr().out)
-        return "url=" in "".join(printed)
+        return parse_sim_started("".join(printed)) is not None
 
-    await wait_for(started, timeout=5)
-    line = "".join(printed)
-    assert "role=D" in line and "mode=WRITE" in line
-    url = line.split("url=")[1].split()[0]
+    await eventually(started, what="the simulator's announcement")
+    announced = parse_sim_started("".join(printed))
+    assert announced is not None and (announced.role, announced.mode) == ("D", "WRITE")
+    url = announced.url
     async with http.post(
         url + "/v1/completions",
         json={"prompt": PROMPT, "kv_transfer_params": {"do_remote_prefill": True}},
     ) as r:
         assert r.status == 500
-    assert await asyncio.wait_for(task, 5) == 1
+    assert await asyncio.wait_for(task, STATE_TIMEOUT) == 1

@@ -6,15 +6,8 @@ from __future__ import annotations
 import aiohttp
 
 from moriio_proxy.sim import expected_text
-from tests.integration.sim.support import (
-    PROMPT,
-    post,
-    prefill_body,
-    prefill_params,
-    sandwich,
-    sim,
-    wait_for,
-)
+from tests.harness.legs import PROMPT, post, prefill_body, prefill_params, sandwich, sim
+from tests.harness.waiting import eventually
 
 
 async def test_read_flow_by_hand(http: aiohttp.ClientSession) -> None:
@@ -38,7 +31,7 @@ async def test_read_flow_by_hand(http: aiohttp.ClientSession) -> None:
         assert db["choices"][0]["text"] == expected_text(PROMPT, 9)
         assert d.stats.kv_received == 1 and d.stats.garbage_outputs == 0
         assert p.stats.kv_reads_served == 1
-        await wait_for(lambda: p.held_transfers() == 0)  # the release notify frees them
+        await eventually(lambda: p.held_transfers() == 0)  # the release notify frees them
 
 
 async def test_read_flow_explicit_keys_without_sandwich(http: aiohttp.ClientSession) -> None:

@@ -10,19 +10,18 @@ import uuid
 import aiohttp
 
 from moriio_proxy.sim import expected_text
-from tests.integration.sim.support import (
+from tests.harness.legs import (
     PROMPT,
-    connection_refused,
     post,
     post_sse,
     prefill_body,
     prefill_params,
+    refuses_connections,
     sandwich,
     sim,
-    still_pending,
-    wait_for,
     write_decode_params,
 )
+from tests.harness.waiting import STATE_TIMEOUT, eventually, still_pending
 
 
 async def test_write_flow_by_hand(http: aiohttp.ClientSession) -> None:
@@ -68,10 +67,10 @@ async def test_write_decode_first_then_prefill(http: aiohttp.ClientSession) -> N
                 {"X-Request-Id": rid},
             )
         )
-        await wait_for(lambda: d.pending_kv_waiters() == 1)
+        await eventually(lambda: d.pending_kv_waiters() == 1)
         assert not d_task.done()
         await post(http, p, prefill_body(prefill_params("tx-o", d)), {"X-Request-Id": rid})
-        status, db = await asyncio.wait_for(d_task, 5)
+        status, db = await asyncio.wait_for(d_task, STATE_TIMEOUT)
         assert status == 200
         assert db["choices"][0]["text"] == expected_text(PROMPT, 2)
 
@@ -97,13 +96,13 @@ async def test_write_decode_without_transfer_id_waits_forever(
                 {"X-Request-Id": rid},
             )
         )
-        await wait_for(lambda: d.pending_kv_waiters() == 1)
+        await eventually(lambda: d.pending_kv_waiters() == 1)
         assert await still_pending(d_task, 0.5)
         assert d.pending_kv_waiters() == 1
         d_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await d_task
-        await wait_for(lambda: d.stats.cancelled and d.stats.kv_wait_cancelled)
+        await eventually(lambda: d.stats.cancelled and d.stats.kv_wait_cancelled)
         assert d.stats.cancelled == 1
         assert d.stats.kv_wait_cancelled == 1
         assert d.legs[-1].cancelled
@@ -124,7 +123,7 @@ async def test_write_override_on_other_rank_waits(http: aiohttp.ClientSession) -
             )
         )
         await post(http, p, prefill_body(prefill_params("tx-ov", d)), {"X-Request-Id": rid})
-        await wait_for(lambda: d.pending_kv_waiters() == 1)
+        await eventually(lambda: d.pending_kv_waiters() == 1)
         assert await still_pending(d_task, 0.3)
         d_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -141,7 +140,7 @@ async def test_write_prefill_missing_engine_id_key_kills_engine(
         assert status == 500
         assert "EngineCore died" in body["error"]["message"]
         assert p.dead_reason is not None and "remote_engine_id" in p.dead_reason
-        assert await connection_refused(p.url + "/health")
+        await refuses_connections(p.url + "/health")
 
 
 async def test_write_decode_without_address_dies_after_stream_started(

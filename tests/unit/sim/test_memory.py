@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from moriio_proxy.sim.engine.memory import BlockAllocator, DpRank, Registration
+from tests.harness.waiting import STATE_TIMEOUT
 
 
 def test_blocks_are_unique_across_ranks_and_sized_by_block_size() -> None:
@@ -49,7 +50,7 @@ async def test_defer_timeout_reaps_only_the_live_registration() -> None:
     st.free_later(released, 0.01, on_reaped)
     st.free("u")  # released in time: its timer is cancelled
     assert released.timer is not None and released.timer.cancelled()
-    await asyncio.wait_for(done.wait(), 2)
+    await asyncio.wait_for(done.wait(), STATE_TIMEOUT)
     assert reaped == [reg] and not st.registrations
 
 

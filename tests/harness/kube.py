@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .waiting import STATE_TIMEOUT, eventually
+
 Pod = dict[str, Any]
 
 
@@ -179,14 +181,15 @@ class FakeKubeAPI:
         self._generation += 1
         await self._notify()
         # Return only once they have ended, so that later changes are not sent on them.
-        while any(g < self._generation for g in self._streams):  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
+        await eventually(
+            lambda: all(g >= self._generation for g in self._streams), what="watches ended"
+        )
 
     @property
     def active_watches(self) -> int:
         return len(self._streams)
 
-    async def wait_watching(self, count: int, timeout: float = 3.0) -> None:
+    async def wait_watching(self, count: int, timeout: float = STATE_TIMEOUT) -> None:
         async def until() -> None:
             async with self._changed:
                 await self._changed.wait_for(lambda: self.active_watches >= count)

@@ -3,26 +3,25 @@ SSE, build the kv_transfer_params of each leg (docs/protocol.md section 3)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 
 from moriio_proxy.sim import SimConfig, SimInstance
 
+from .sse import read_sse
+from .waiting import eventually
+
 PROMPT = "the quick brown fox jumps over the lazy dog again and again"
 
 
 @contextlib.asynccontextmanager
-async def sim(role: str, mode: str = "READ", **kw: Any) -> AsyncIterator[SimInstance]:
-    """A started instance on free ports (HTTP port 0; ZMQ bases picked below 32768)."""
-    kw.setdefault("transfer_timeout", 1.0)
-    inst = SimInstance(SimConfig(role=role, mode=mode, **kw))
+async def sim(role: str, mode: str = "READ", **settings: Any) -> AsyncIterator[SimInstance]:
+    """A started instance that registers nowhere, on ports it binds itself."""
+    inst = SimInstance(SimConfig(role=role, mode=mode, **settings))
     await inst.start()
     try:
         yield inst
@@ -30,34 +29,17 @@ async def sim(role: str, mode: str = "READ", **kw: Any) -> AsyncIterator[SimInst
         await inst.stop()
 
 
-async def wait_for(cond: Callable[[], object], timeout: float = 1.0) -> float:
-    """Poll ``cond()`` until true; returns the seconds it took (fails after ``timeout``)."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - t0
+async def refuses_connections(url: str) -> None:
+    """Until a fresh connection to ``url`` is refused (a dead instance stops listening)."""
 
-
-async def still_pending(task: asyncio.Future[Any], seconds: float) -> bool:
-    """True if ``task`` has not finished after ``seconds`` (it is left running)."""
-    done, _ = await asyncio.wait({task}, timeout=seconds)
-    return not done
-
-
-async def connection_refused(url: str, timeout: float = 2.0) -> bool:
-    """Poll until a fresh connection to ``url`` is refused (a dead instance stops listening);
-    False if it is still accepted after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    async def refused() -> bool:
         try:
             async with aiohttp.ClientSession() as fresh, fresh.get(url):
-                pass
+                return False
         except aiohttp.ClientConnectionError:
             return True
-        await asyncio.sleep(0.02)
-    return False
+
+    await eventually(refused, interval=0.02, what=f"connections to {url} refused")
 
 
 def sandwich(p: SimInstance, d: SimInstance) -> str:
@@ -87,36 +69,9 @@ async def post_sse(
     headers: dict[str, str] | None = None,
     path: str = "/v1/completions",
 ) -> tuple[int, list[Any]]:
-    events: list[Any] = []
+    """The status and every event; each line must be a ``data:`` line, as vLLM writes."""
     async with http.post(inst.url + path, json=body, headers=headers or {}) as r:
-        async for raw in r.content:
-            line = raw.decode().strip()
-            if not line:
-                continue
-            assert line.startswith("data: ")
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-        return r.status, events
-
-
-def data_lines(raw: bytes) -> list[Any]:
-    out: list[Any] = []
-    for line in raw.decode().splitlines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
-
-async def read_sse(resp: aiohttp.ClientResponse) -> tuple[list[Any], BaseException | None]:
-    """Every SSE event until the stream ends or breaks (and the error it broke with)."""
-    events: list[Any] = []
-    try:
-        async for raw in resp.content:
-            events.extend(data_lines(raw))
-    except aiohttp.ClientPayloadError as e:
-        return events, e
-    return events, None
+        return r.status, await read_sse(r, strict=True)
 
 
 def prefill_params(tid: str | None, d: SimInstance | None = None) -> dict[str, Any]:
