@@ -11,6 +11,7 @@
 - ``kube``: a fake Kubernetes API server
 - ``entries``: registry entries for policy tests
 - ``contract``: wire shapes pinned apart from the code
+- ``imports``: what each module of moriio_proxy imports, read from its source
 
 Fixtures built on them are in tests/conftest.py. The names below are re-exported for the
 test tiers that import them from the package.

@@ -13,44 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import moriio_proxy.sim
+from tests.harness.imports import PACKAGE_DIR, ROOT, imported, imports_of, modules
 
-SIM_DIR = Path(moriio_proxy.sim.__file__).parent
-ROOT = "moriio_proxy"
+SIM_DIR = PACKAGE_DIR / "sim"
 ALLOWED = "moriio_proxy.sim"
-
-
-def _package_of(path: Path) -> str:
-    """The dotted package a module's relative imports start from."""
-    rel = path.relative_to(SIM_DIR.parent.parent).with_suffix("")
-    parts = list(rel.parts)
-    return ".".join(parts[:-1])  # a module's package; __init__'s package is its own dir
-
-
-def _imported(tree: ast.AST, package: str) -> list[tuple[int, str]]:
-    """``(line, module)`` for every module an import statement in ``tree`` loads.
-
-    ``from moriio_proxy import x`` loads ``moriio_proxy.x`` (judged by ``x``); a relative
-    import is resolved against ``package``, and one climbing above the top-level package is
-    returned with its leading dots.
-    """
-    out: list[tuple[int, str]] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.extend((node.lineno, alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            parts = package.split(".")
-            climb = max(node.level - 1, 0)
-            if climb >= len(parts):
-                out.append((node.lineno, "." * node.level + (node.module or "")))
-                continue
-            base = ".".join(parts[: len(parts) - climb]) if node.level else ""
-            base = ".".join(p for p in (base, node.module or "") if p)
-            if base == ROOT:
-                out.extend((node.lineno, f"{ROOT}.{alias.name}") for alias in node.names)
-            else:
-                out.append((node.lineno, base))
-    return out
 
 
 def _is_foreign(name: str) -> bool:
@@ -65,13 +31,13 @@ def foreign_imports(source: str, package: str) -> list[str]:
     """``line: module`` for each import of the proxy outside the simulator package."""
     return [
         f"{line}: {name}"
-        for line, name in _imported(ast.parse(source), package)
+        for line, name in imported(ast.parse(source), package)
         if _is_foreign(name)
     ]
 
 
 def sim_modules() -> list[Path]:
-    return sorted(SIM_DIR.rglob("*.py"))
+    return modules(SIM_DIR)
 
 
 def test_the_package_has_modules() -> None:
@@ -80,7 +46,7 @@ def test_the_package_has_modules() -> None:
 
 @pytest.mark.parametrize("path", sim_modules(), ids=lambda p: str(p.relative_to(SIM_DIR)))
 def test_sim_imports_nothing_from_the_proxy(path: Path) -> None:
-    found = foreign_imports(path.read_text(encoding="utf-8"), _package_of(path))
+    found = [f"{line}: {name}" for line, name in imports_of(path) if _is_foreign(name)]
     assert not found, f"{path} imports the proxy: {found}"
 
 
