@@ -22,7 +22,7 @@ from tests.harness.serve import START_TIMEOUT, STOP_TIMEOUT
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "moriio_proxy", *args],
         capture_output=True,
@@ -57,7 +57,7 @@ def test_env_values_are_checked_and_named():
         [sys.executable, "-m", "moriio_proxy", "serve"],
         capture_output=True,
         text=True,
-        timeout=20,
+        timeout=60,
         cwd=ROOT,
         env=env,
         check=False,
@@ -77,7 +77,7 @@ def test_kubernetes_discovery_without_the_extra_exits_2_with_one_line():
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=20,
+        timeout=60,
         cwd=ROOT,
         check=False,
     )

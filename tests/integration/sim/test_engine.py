@@ -50,7 +50,7 @@ async def test_eos_marker_prefill_returns_null_params(http: aiohttp.ClientSessio
 
 
 async def test_defer_timeout_reaps_blocks(http: aiohttp.ClientSession) -> None:
-    async with sim("P", defer_timeout=0.2) as p:
+    async with sim("P", defer_timeout=1.0) as p:
         await post(http, p, prefill_body(prefill_params("tx-r")))
         assert p.held_transfers() == 1
         await eventually(lambda: p.held_transfers() == 0)
