@@ -210,13 +210,14 @@ async def test_read_mode_disconnect_after_prefill_releases_the_kv():
         assert prefill.stats.blocks_reaped == 0
 
 
-async def test_sigterm_drains_in_flight_streams_and_refuses_new_ones():
-    """SIGTERM: new connections are refused, an in-flight stream ends normally, and the
-    process exits 0."""
-    async with serve_process("--drain-timeout", "10") as running:
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+async def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(workers: int):
+    """SIGTERM (to the one process, or to the supervisor of several): new connections are
+    refused, an in-flight stream ends normally, and the process exits 0."""
+    async with serve_process("--workers", str(workers), "--drain-timeout", "10") as running:
         for role in "PD":
             await running.add_sim(role, token_latency=0.05)
-        await running.wait_ready()
+        await running.wait_ready(times=4 * workers)
         body = completion(30, stream=True)
         async with (
             aiohttp.ClientSession() as s,

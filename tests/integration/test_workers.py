@@ -1,7 +1,8 @@
 """``serve --workers N``: one port, N processes, one discovery listener, one set of numbers.
 
 The proxy runs as a real command (the supervisor spawns real worker processes); the
-instances are simulators in this process.
+instances are simulators in this process. SIGTERM's drain, with one process or several, is
+tested in test_failures.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import aiohttp
 
 from moriio_proxy.sim import expected_text
 from tests.harness import eventually, read_sse
-from tests.harness.serve import STOP_TIMEOUT, ServeProcess, serve_process
+from tests.harness.serve import ServeProcess, serve_process
 
 
 def workers(running: ServeProcess) -> list[int]:
@@ -138,24 +139,6 @@ async def test_a_dead_worker_is_replaced():
         await running.wait_ready(times=8)
         assert await complete(running.url, "after a restart") == expected_text("after a restart", 6)
         await eventually(lambda: "restarting it" in running.log_text())
-
-
-async def test_sigterm_drains_every_worker_and_exits_0():
-    async with fleet(2, "--drain-timeout", "10") as running:
-        await add_sims(running, token_latency=0.05)
-        await running.wait_ready(times=8)
-        body = {"model": "sim-model", "prompt": "drain me", "max_tokens": 30, "stream": True}
-        async with (
-            aiohttp.ClientSession() as s,
-            s.post(running.url + "/v1/completions", json=body) as resp,
-        ):
-            assert resp.status == 200
-            await resp.content.readline()
-            running.proc.send_signal(signal.SIGTERM)
-            events = await read_sse(resp)
-        assert events[-1] == "[DONE]"
-        assert not any("error" in e for e in events if isinstance(e, dict))
-        assert await asyncio.wait_for(running.proc.wait(), STOP_TIMEOUT) == 0
 
 
 async def test_workers_of_a_killed_supervisor_shut_down():
