@@ -39,7 +39,7 @@ async def start_sim(role: str, discovery: str | None, **settings: Any) -> SimIns
 @dataclass
 class RunningProxy:
     url: str
-    discovery: str  # "127.0.0.1:PORT", what SimConfig.proxy takes
+    discovery: str  # 127.0.0.1:PORT, what SimConfig.proxy takes
     state: ProxyState
     sims: list[SimInstance] = field(default_factory=list)
 

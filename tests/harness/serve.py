@@ -45,7 +45,7 @@ class ServeProcess:
 
     @property
     def discovery(self) -> str:
-        """ "127.0.0.1:PORT", what SimConfig.proxy takes."""
+        """``127.0.0.1:PORT``, what SimConfig.proxy takes."""
         return f"127.0.0.1:{self.serving.discovery_port}"
 
     def log_text(self) -> str:
