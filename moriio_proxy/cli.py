@@ -22,6 +22,28 @@ from .config import OPTIONS, ConfigError, ProxyConfig, load_config
 log = logging.getLogger("moriio_proxy")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds an option's default to its help when there is one worth showing.
+
+    argparse's ArgumentDefaultsHelpFormatter also prints ``(default: None)`` for an unset
+    option and ``(default: False)`` for a switch, which tell the reader nothing.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "(default" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == ""
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moriio-proxy",
@@ -29,47 +51,93 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"moriio-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _addrun_proxy(sub)
+    _add_sim(sub)
+    _add_demo(sub)
+    check_command.add_parser(sub)
+    return parser
 
+
+def _addrun_proxy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the proxy",
         description="Run the proxy. Flags override MORIIO_PROXY_* environment variables, "
-        "which override the --config YAML file, which overrides the defaults shown.",
+        "which override the --config YAML file, which overrides the defaults shown. "
+        "Choices are taken in any case (--transfer-mode read is READ).",
     )
     serve.add_argument("--config", metavar="FILE", help="YAML file of settings (and instances)")
     defaults = ProxyConfig()
     for option in OPTIONS:
-        default = getattr(defaults, option.name)
-        if isinstance(default, tuple):
-            default = ",".join(str(x) for x in default) or "any"
         serve.add_argument(
             option.flag,
             dest=option.name,
-            default=None,
+            default=None,  # unset: the environment, the file or the default decides
             metavar=option.name.split("_")[-1].upper(),
-            help=f"{option.help} [env {option.env}] (default: {default})",
+            help=option.help_line(getattr(defaults, option.name)),
         )
 
+
+def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sim = sub.add_parser(
         "sim",
         help="run one simulated vLLM MoRI-IO instance",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run one simulated vLLM instance with the MoRI-IO connector: an "
+        "OpenAI server that answers with deterministic words, KV transfers between "
+        "simulated prefill and decode, and heartbeats to the proxy. Runs until SIGINT "
+        "or SIGTERM.",
+        formatter_class=_HelpFormatter,
     )
-    sim.add_argument("--role", choices=("P", "D"), required=True, help="prefill or decode")
+    sim.add_argument(
+        "--role",
+        choices=("P", "D"),
+        required=True,
+        type=str.upper,
+        help="prefill (P) or decode (D) instance (any case)",
+    )
     sim.add_argument("--host", default="127.0.0.1", help="bind and advertised address")
     sim.add_argument("--port", type=int, default=0, help="HTTP port (0: any free port)")
     sim.add_argument(
-        "--proxy", default="127.0.0.1:36367", help="HOST:PORT of the proxy's discovery port"
+        "--proxy",
+        default="127.0.0.1:36367",
+        help="HOST:PORT of the proxy's discovery port (empty: send no heartbeats)",
     )
-    sim.add_argument("--mode", choices=("READ", "WRITE"), default="READ", type=str.upper)
-    sim.add_argument("--dp-size", type=int, default=1)
-    sim.add_argument("--tp-size", type=int, default=1)
-    sim.add_argument("--model", default="sim-model")
-    sim.add_argument("--handshake-port", type=int, default=0, help="base port (0: pick)")
-    sim.add_argument("--notify-port", type=int, default=0, help="base port (0: pick)")
-    sim.add_argument("--heartbeat-interval", type=float, default=3.0)
-    sim.add_argument("--prefill-latency", type=float, default=0.0, help="seconds per prefill")
-    sim.add_argument("--token-latency", type=float, default=0.0, help="seconds per token")
+    sim.add_argument(
+        "--mode",
+        choices=("READ", "WRITE"),
+        default="READ",
+        type=str.upper,
+        help="KV transfer mode it announces (any case)",
+    )
+    sim.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks it serves")
+    sim.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size it announces")
+    sim.add_argument("--model", default="sim-model", help="model name it serves")
+    sim.add_argument(
+        "--handshake-port",
+        type=int,
+        default=0,
+        help="first MoRI-IO handshake port, one per DP rank (0: pick free ones)",
+    )
+    sim.add_argument(
+        "--notify-port",
+        type=int,
+        default=0,
+        help="first MoRI-IO notify port, one per DP rank (0: pick free ones)",
+    )
+    sim.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=3.0,
+        help="seconds between heartbeats to the proxy (vLLM sends one every 3 s)",
+    )
+    sim.add_argument(
+        "--prefill-latency", type=float, default=0.0, help="seconds each prefill takes"
+    )
+    sim.add_argument("--token-latency", type=float, default=0.0, help="seconds per generated token")
+    _add_sim_faults(sim)
+
+
+def _add_sim_faults(sim: argparse.ArgumentParser) -> None:
     faults = sim.add_argument_group(
         "fault injection",
         "Faults for generation requests (/v1/completions, /v1/chat/completions) that pass "
@@ -124,17 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
         "never closes (0: any free port; without it /sim/* is on the HTTP port only)",
     )
 
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
         "demo",
         help="proxy + 1 simulated P + 1 simulated D on localhost",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Start the proxy with one simulated prefill and one simulated decode "
+        "instance, all on 127.0.0.1 (no GPU, no vLLM), print a curl command to try once "
+        "both instances are registered, and run until Ctrl-C.",
+        formatter_class=_HelpFormatter,
     )
-    demo.add_argument("--port", type=int, default=10001, help="proxy HTTP port")
-    demo.add_argument("--discovery-port", type=int, default=36367)
-    demo.add_argument("--mode", choices=("READ", "WRITE"), default="READ", type=str.upper)
-    demo.add_argument("--token-latency", type=float, default=0.02, help="seconds per token")
-    check_command.add_parser(sub)
-    return parser
+    demo.add_argument("--port", type=int, default=10001, help="the proxy's HTTP port")
+    demo.add_argument(
+        "--discovery-port",
+        type=int,
+        default=36367,
+        help="the proxy's discovery (ZMQ) port, where the simulated instances register",
+    )
+    demo.add_argument(
+        "--mode",
+        choices=("READ", "WRITE"),
+        default="READ",
+        type=str.upper,
+        help="KV transfer mode of both simulated instances (any case)",
+    )
+    demo.add_argument(
+        "--token-latency", type=float, default=0.02, help="seconds per generated token"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
