@@ -355,6 +355,31 @@ def _log_serving(
         processes,
         where,
     )
+    if (
+        config.discovery == "zmq"
+        and "discovery_host" not in config.given
+        and not config.discovery_allow
+    ):
+        _warn_open_discovery(config)
+
+
+def _warn_open_discovery(config: ProxyConfig) -> None:
+    """Warn when discovery was left open to the world by default.
+
+    --host does not move discovery (vLLM instances on other hosts must reach it while
+    clients may be local), which surprises whoever bound --host to 127.0.0.1; and anything
+    that reaches the port can register an instance and receive traffic. An operator who
+    set --discovery-host chose where it listens and is not told again.
+    """
+    from .discovery.zmq import every_interface
+
+    if every_interface(config.discovery_host):
+        log.warning(
+            "discovery takes registrations from any host on every interface: "
+            "--discovery-host (default %s) is separate from --host; set it or "
+            "--discovery-allow (README: Security)",
+            config.discovery_host,
+        )
 
 
 async def _sim(args: argparse.Namespace) -> int:
