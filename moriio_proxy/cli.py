@@ -12,12 +12,15 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from . import check as check_command
 from .config import OPTIONS, ConfigError, ProxyConfig, load_config
+
+if TYPE_CHECKING:
+    from .state import ProxyState
 
 log = logging.getLogger("moriio_proxy")
 
@@ -230,12 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             cli_values = {o.name: getattr(args, o.name) for o in OPTIONS}
             config = load_config(cli_values, config_file=args.config)
             setup_logging(config.log_level)
-            return run_loop(_serve(config), config.event_loop)
+            return run_loop(run_proxy(config), config.event_loop)
         if args.command == "sim":
             setup_logging("info")
             return asyncio.run(_sim(args))
+        from .demo import run_demo
+
         setup_logging("info")
-        return asyncio.run(_demo(args))
+        return asyncio.run(run_demo(args))
     except ConfigError as exc:
         print(f"moriio-proxy: error: {exc}", file=sys.stderr)
         return 2
@@ -287,7 +292,13 @@ def stop_event() -> asyncio.Event:
     return stop
 
 
-async def _serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> int:
+async def run_proxy(
+    config: ProxyConfig,
+    stop: asyncio.Event | None = None,
+    on_serving: Callable[[ProxyState], None] | None = None,
+) -> int:
+    """Serve until ``stop`` (SIGINT/SIGTERM); ``on_serving`` gets the state once both ports
+    listen (the demo starts its simulated instances then)."""
     stop = stop or stop_event()
     if config.workers > 1:
         return await _supervise(config, stop)
@@ -304,8 +315,10 @@ async def _serve(config: ProxyConfig, stop: asyncio.Event | None = None) -> int:
     except OSError:
         sock.close()
         raise
-    _log_serving(config, sock.getsockname()[1], state(app).discovery.bound_port)
     proxy = state(app)
+    _log_serving(config, sock.getsockname()[1], proxy.discovery.bound_port)
+    if on_serving is not None:
+        on_serving(proxy)
 
     async def drain_then_stop() -> None:
         # SIGTERM: /ready turns 503 and new requests are refused at once; Hypercorn then
@@ -422,61 +435,3 @@ async def _sim(args: argparse.Namespace) -> int:
         faults=faults,
     )
     return await run_sim(config)
-
-
-async def _demo(args: argparse.Namespace) -> int:
-    from .sim import SimConfig, SimInstance
-
-    stop = stop_event()
-    config = load_config(
-        {
-            "host": "127.0.0.1",
-            "port": args.port,
-            "discovery_host": "127.0.0.1",
-            "discovery_port": args.discovery_port,
-        },
-        env={},
-    )
-    proxy_task = asyncio.create_task(_serve(config, stop))
-    await asyncio.sleep(0.3)  # the discovery port is bound before the sims start knocking
-    if proxy_task.done():
-        return proxy_task.result()
-    sims: list[Any] = []
-    try:
-        for role in ("P", "D"):
-            sim = SimInstance(
-                SimConfig(
-                    role=role,
-                    proxy=f"127.0.0.1:{args.discovery_port}",
-                    mode=args.mode,
-                    token_latency=args.token_latency,
-                    heartbeat_interval=1.0,
-                )
-            )
-            await sim.start()
-            sims.append(sim)
-        print(_demo_banner(args.port, args.mode, sims), flush=True)
-        await asyncio.wait(
-            {proxy_task, asyncio.ensure_future(stop.wait())},
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        stop.set()
-        return await proxy_task
-    finally:
-        for sim in sims:
-            await sim.stop()
-        stop.set()
-
-
-def _demo_banner(port: int, mode: str, sims: Sequence[Any]) -> str:
-    url = f"http://127.0.0.1:{port}"
-    lines = [
-        f"moriio-proxy demo ({mode} mode) is up: proxy {url}",
-        *(f"  simulated {s.config.role}: {s.url}  kv {s.zmq_address}" for s in sims),
-        "",
-        "Try it (Ctrl-C stops the demo):",
-        f"  curl -s {url}/v1/completions -H 'Content-Type: application/json' \\",
-        '    -d \'{"model": "sim-model", "prompt": "The capital of France is", "max_tokens": 8}\'',
-        f"  curl -s {url}/admin/instances",
-    ]
-    return "\n".join(lines)
