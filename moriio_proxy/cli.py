@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -233,14 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             cli_values = {o.name: getattr(args, o.name) for o in OPTIONS}
             config = load_config(cli_values, config_file=args.config)
             setup_logging(config.log_level)
-            return run_loop(run_proxy(config), config.event_loop)
+            return exit_quickly(run_loop(run_proxy(config), config.event_loop))
         if args.command == "sim":
             setup_logging("info")
-            return asyncio.run(_sim(args))
+            return exit_quickly(asyncio.run(_sim(args)))
         from .demo import run_demo
 
         setup_logging("info")
-        return asyncio.run(run_demo(args))
+        return exit_quickly(asyncio.run(run_demo(args)))
     except ConfigError as exc:
         print(f"moriio-proxy: error: {exc}", file=sys.stderr)
         return 2
@@ -260,6 +261,19 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def exit_quickly(code: int) -> int:
+    """Let the interpreter's teardown skip collecting the objects a server run left behind.
+
+    Everything is closed by then, but the exit itself collected every object quart,
+    aiohttp and the rest made: 0.1 s on an idle machine, 0.5 s and more on a loaded one,
+    after an idle proxy had already stopped. Frozen objects are skipped by those
+    collections (about a fifth of the time); atexit handlers and stream flushes still run.
+    Only for a process about to exit: frozen objects are never collected.
+    """
+    gc.freeze()
+    return code
 
 
 def run_loop(main: Coroutine[Any, Any, int], event_loop: str = "auto") -> int:
