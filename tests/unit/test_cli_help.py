@@ -81,8 +81,10 @@ def test_every_serve_setting_has_its_flag_variable_and_default_in_the_help():
 def test_a_setting_whose_default_would_show_empty_must_say_it_in_words():
     with pytest.raises(ValueError, match="--k8s-thing"):
         Option("k8s_thing", str, "a thing").help_line("")
-    assert Option("k8s_thing", str, "a thing", default_text="the pod's").help_line("").endswith(
-        "(default: the pod's)"
+    assert (
+        Option("k8s_thing", str, "a thing", default_text="the pod's")
+        .help_line("")
+        .endswith("(default: the pod's)")
     )
 
 
