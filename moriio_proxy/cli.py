@@ -106,13 +106,7 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="127.0.0.1:36367",
         help="HOST:PORT of the proxy's discovery port (empty: send no heartbeats)",
     )
-    sim.add_argument(
-        "--mode",
-        choices=("READ", "WRITE"),
-        default="READ",
-        type=str.upper,
-        help="KV transfer mode it announces (any case)",
-    )
+    _add_mode(sim, "KV transfer mode it announces")
     sim.add_argument("--dp-size", type=int, default=1, help="data-parallel ranks it serves")
     sim.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size it announces")
     sim.add_argument("--model", default="sim-model", help="model name it serves")
@@ -139,6 +133,17 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     sim.add_argument("--token-latency", type=float, default=0.0, help="seconds per generated token")
     _add_sim_faults(sim)
+
+
+def _add_mode(parser: argparse.ArgumentParser, help: str) -> None:
+    """--mode of the simulated instances: READ or WRITE, in any case."""
+    parser.add_argument(
+        "--mode",
+        choices=("READ", "WRITE"),
+        default="READ",
+        type=str.upper,
+        help=f"{help} (any case)",
+    )
 
 
 def _add_sim_faults(sim: argparse.ArgumentParser) -> None:
@@ -213,13 +218,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=36367,
         help="the proxy's discovery (ZMQ) port, where the simulated instances register",
     )
-    demo.add_argument(
-        "--mode",
-        choices=("READ", "WRITE"),
-        default="READ",
-        type=str.upper,
-        help="KV transfer mode of both simulated instances (any case)",
-    )
+    _add_mode(demo, "KV transfer mode of both simulated instances")
     demo.add_argument(
         "--token-latency", type=float, default=0.02, help="seconds per generated token"
     )
