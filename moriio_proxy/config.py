@@ -70,6 +70,9 @@ class ProxyConfig:
     workers: int = 1
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     static_instances: tuple[Instance, ...] = field(default=())
+    # The settings a flag, a variable or the file set (the rest are defaults), so startup
+    # can say where a default it fell back on puts the discovery port. Not part of the value.
+    given: frozenset[str] = field(default=frozenset(), compare=False)
 
 
 # --------------------------------------------------------------------------- parsers
@@ -126,6 +129,8 @@ def _positive_int(text: Any) -> int:
 
 
 def _choice(*allowed: str) -> Callable[[Any], str]:
+    """One of ``allowed``, in any case, returned as spelled there (``read`` is READ)."""
+
     def parse(text: Any) -> str:
         value = str(text).strip()
         lowered = {a.lower(): a for a in allowed}
@@ -173,11 +178,18 @@ def _host(text: Any) -> str:
 
 @dataclass(frozen=True)
 class Option:
-    """One setting: its flag, how to parse it, and the help line the CLI shows."""
+    """One setting: its flag, how to parse it, and what ``serve --help`` says of it.
+
+    ``choices``: the values a choice setting takes (any case; see ``choice_option``).
+    ``default_text``: the default in words, for a default whose value says nothing (an
+    empty string or list that the proxy fills in at run time).
+    """
 
     name: str
     parse: Callable[[Any], Any]
     help: str
+    choices: tuple[str, ...] = ()
+    default_text: str = ""
 
     @property
     def flag(self) -> str:
@@ -186,6 +198,28 @@ class Option:
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper()
+
+    def help_line(self, default: Any) -> str:
+        """The help text: what it does, the values it takes, its variable, its default."""
+        shown = self.default_text or _show(default)
+        if not shown:
+            raise ValueError(f"{self.flag}: the default needs default_text to be shown")
+        choices = f"; one of {', '.join(self.choices)} (any case)" if self.choices else ""
+        return f"{self.help}{choices} [env {self.env}] (default: {shown})"
+
+
+def choice_option(name: str, choices: tuple[str, ...], help: str) -> Option:
+    """A setting that takes one of ``choices``, in any case (``read`` is READ)."""
+    return Option(name, _choice(*choices), help, choices=choices)
+
+
+def _show(value: Any) -> str:
+    """A default as it would be typed: 300 for 300.0, lists comma-separated."""
+    if isinstance(value, tuple):
+        return ",".join(_show(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -196,42 +230,37 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "discovery_allow",
         _networks,
-        "comma-separated source networks allowed to register (default: any)",
+        "comma-separated source networks allowed to register, e.g. 10.0.0.0/8",
+        default_text="any",
     ),
-    Option(
+    choice_option(
         "discovery",
-        _choice("zmq", "kubernetes"),
+        ("zmq", "kubernetes"),
         "how instances are found: vLLM's ZMQ heartbeats, or watching pods (every replica "
         "sees every instance; needs the 'k8s' extra)",
     ),
     Option(
         "k8s_namespace",
         _text,
-        "namespace of the vLLM pods (default: the proxy pod's own namespace)",
+        "namespace of the vLLM pods",
+        default_text="the proxy pod's own namespace",
     ),
     Option("k8s_prefill_selector", _text, "label selector of prefill pods"),
     Option("k8s_decode_selector", _text, "label selector of decode pods"),
     Option(
         "k8s_api_url",
         _text,
-        "Kubernetes API URL (default: in-cluster config, else ~/.kube/config)",
+        "Kubernetes API URL",
+        default_text="in-cluster config, else ~/.kube/config",
     ),
     Option("instance_ttl", _positive_float, "seconds without a heartbeat before eviction"),
-    Option(
+    choice_option(
         "transfer_mode",
-        _choice("auto", "READ", "WRITE"),
+        ("auto", "READ", "WRITE"),
         "pin the KV transfer mode (auto: the first instance's mode)",
     ),
-    Option(
-        "prefill_policy",
-        _choice(*POLICIES),
-        f"how the prefill instance and DP rank are chosen: {', '.join(POLICIES)}",
-    ),
-    Option(
-        "decode_policy",
-        _choice(*POLICIES),
-        f"how the decode instance is chosen: {', '.join(POLICIES)}",
-    ),
+    choice_option("prefill_policy", POLICIES, "how the prefill instance and DP rank are chosen"),
+    choice_option("decode_policy", POLICIES, "how the decode instance is chosen"),
     Option(
         "balance_abs_threshold",
         _non_negative_int,
@@ -297,16 +326,16 @@ OPTIONS: tuple[Option, ...] = (
         "seconds in-flight requests may take to finish after SIGTERM",
     ),
     Option("max_body_bytes", _positive_int, "largest accepted request body"),
-    Option("log_level", _choice("debug", "info", "warning", "error", "critical"), "logging level"),
+    choice_option("log_level", ("debug", "info", "warning", "error", "critical"), "logging level"),
     Option(
         "workers",
         _positive_int,
         "serving processes sharing the HTTP port (SO_REUSEPORT); discovery runs once and "
         "feeds them all; about one per core the proxy may use",
     ),
-    Option(
+    choice_option(
         "event_loop",
-        _choice("auto", "uvloop", "asyncio"),
+        ("auto", "uvloop", "asyncio"),
         "event loop: uvloop when installed (auto), or force one",
     ),
 )
@@ -337,7 +366,8 @@ def load_config(
     if statics is not None:
         values["static_instances"] = _static_instances(statics, config_file)
     known = {f.name for f in fields(ProxyConfig)}
-    return ProxyConfig(**{k: v for k, v in values.items() if k in known})
+    settings = {k: v for k, v in values.items() if k in known}
+    return ProxyConfig(**settings, given=frozenset(settings))
 
 
 def _parse(option: Option, raw: Any, where: str) -> Any:

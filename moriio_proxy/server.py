@@ -6,6 +6,7 @@ ask for port 0 and learn which port they got.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -67,10 +68,26 @@ async def serve(
     # Hypercorn takes ownership of (and closes) the descriptor it is given: hand it a dup.
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
     config.accesslog = None
-    config.errorlog = "-"
+    config.errorlog = _error_log()
     config.graceful_timeout = graceful_timeout
     # Hypercorn holds a closed client's socket until this idle timer ends, so a long one
     # piles up CLOSE-WAIT sockets under connection churn: keep its 5 s default.
     config.keep_alive_timeout = 5
     config.h11_max_incomplete_size = 64 * 1024
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
+
+
+def _error_log() -> logging.Logger:
+    """Hypercorn's error log, through the proxy's own logging setup, without its startup line.
+
+    Given "-", Hypercorn gives the logger a stderr handler of its own and the record also
+    reaches ours: every line came out twice. Its "Running on ..." line says what the CLI's
+    "serving OpenAI on ..." line already says, and would come once per worker process.
+    """
+    logger = logging.getLogger("hypercorn.error")
+    logger.addFilter(_not_running_on)  # the same function twice is one filter
+    return logger
+
+
+def _not_running_on(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Running on ")

@@ -67,10 +67,22 @@ class ProxyState:
         await self.upstream.close()
 
     def drain(self) -> None:
-        """Start a graceful shutdown: /ready turns 503 and new requests are refused."""
-        if not self.draining:
-            self.draining = True
-            log.warning("draining: refusing new requests, %d in flight", self.inflight)
+        """Start a graceful shutdown: /ready turns 503 and new requests are refused.
+
+        An idle proxy's shutdown is routine (info); requests cut short if they outlast
+        --drain-timeout are worth a warning.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        if self.inflight:
+            log.warning(
+                "draining: refusing new requests, waiting up to %gs for %d in flight",
+                self.config.drain_timeout,
+                self.inflight,
+            )
+        else:
+            log.info("shutting down: nothing in flight")
 
     def not_ready(self) -> str | None:
         """Why the proxy cannot serve a request now, or None when it can."""

@@ -231,11 +231,11 @@ class Supervisor:
 
 def worker_main(config: ProxyConfig, port: int, snapshots: str, reports: str, index: int) -> None:
     """A worker process's entry point (a fresh interpreter started by the supervisor)."""
-    from .cli import run_loop, setup_logging
+    from .cli import exit_quickly, run_loop, setup_logging
 
     setup_logging(config.log_level)
     code = run_loop(_worker(config, port, snapshots, reports, index), config.event_loop)
-    raise SystemExit(code)
+    raise SystemExit(exit_quickly(code))
 
 
 async def _worker(config: ProxyConfig, port: int, snapshots: str, reports: str, index: int) -> int:

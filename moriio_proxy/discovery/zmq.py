@@ -84,7 +84,8 @@ class Discovery(DiscoverySource):
         self._sock = sock
         self._tasks.spawn(self._listen(), name="discovery-listen")
         self._tasks.spawn(self._sweep(), name="discovery-sweep")
-        log.info("discovery listening on tcp://%s:%s", host, self.bound_port)
+        everywhere = " (every interface)" if every_interface(self.host) else ""
+        log.info("discovery listening on tcp://%s:%s%s", host, self.bound_port, everywhere)
 
     async def stop(self) -> None:
         await self._tasks.cancel_all()
@@ -149,6 +150,16 @@ class Discovery(DiscoverySource):
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
                 self.registry.sweep()
+
+
+def every_interface(host: str) -> bool:
+    """Whether binding ``host`` listens on every interface (0.0.0.0, ::, or ZMQ's *)."""
+    if host.strip() in ("*", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_unspecified
+    except ValueError:
+        return False
 
 
 def _peer_address(frame: zmq.Frame) -> str | None:

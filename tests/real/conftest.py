@@ -67,6 +67,17 @@ def missing_reason() -> str | None:
     return None
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line when the tier skipped, even without ``-rs`` (as tests/gpu does)."""
+    reasons = []
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)
+        if isinstance(longrepr, tuple) and len(longrepr) == 3 and f"`{SETUP}`" in longrepr[2]:
+            reasons.append(longrepr[2].removeprefix("Skipped: "))
+    if reasons:
+        terminalreporter.write_line(f"real vLLM tests skipped ({len(reasons)}): {reasons[0]}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "real_vllm: runs real vLLM (CPU build, separate venv: scripts/real_vllm/)"
