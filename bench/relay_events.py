@@ -9,22 +9,29 @@ chunk), for completions and chat.
 
     .venv/bin/python bench/relay_events.py            # about 10 s
     .venv/bin/python bench/relay_events.py --streams 2000 --repeat 7
+    git show main:moriio_proxy/relay.py > /tmp/relay_main.py
+    .venv/bin/python bench/relay_events.py --baseline /tmp/relay_main.py
+
+With ``--baseline`` another version of ``relay.py`` is timed too, its runs interleaved with
+this one's, so both see the same machine load (a shared machine drifts between runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from moriio_proxy.relay import Relay, Scrubber  # noqa: E402
+from moriio_proxy import relay as current  # noqa: E402
 
 INTERNAL = (
     "___prefill_addr_host:10.0.0.1,handshake:6301,notify:61005"
@@ -92,7 +99,7 @@ def stream(endpoint: str, version: str) -> list[bytes]:
 
 
 class _Body:
-    __slots__ = ("_pieces", "_i")
+    __slots__ = ("_i", "_pieces")
 
     def __init__(self, pieces: list[bytes]) -> None:
         self._pieces = pieces
@@ -106,43 +113,62 @@ class _Body:
         return self._pieces[i]
 
 
-async def _relay_all(pieces: list[bytes], endpoint: str, streams: int) -> int:
-    n = 0
-    for _ in range(streams):
-        relay = Relay(_Body(pieces), Scrubber(INTERNAL, "pub", endpoint))  # type: ignore[arg-type]
+async def _relay_all(module: ModuleType, pieces: list[bytes], endpoint: str, n: int) -> None:
+    for _ in range(n):
+        relay = module.Relay(_Body(pieces), module.Scrubber(INTERNAL, "pub", endpoint))
         await relay.prime()
         async for _event in relay:
-            n += 1
-    return n
+            pass
 
 
-def measure(endpoint: str, version: str, streams: int, repeat: int) -> tuple[float, int]:
-    """Microseconds per relayed body piece: the best of ``repeat`` runs (the least
-    disturbed by other work on the machine)."""
+def measure(
+    modules: list[ModuleType], endpoint: str, version: str, streams: int, repeat: int
+) -> list[float]:
+    """Microseconds per relayed body piece for each module: the best of ``repeat`` runs
+    (the least disturbed by other work on the machine), the modules' runs interleaved."""
     pieces = stream(endpoint, version)
     loop = asyncio.new_event_loop()
+    best = [float("inf")] * len(modules)
     try:
-        loop.run_until_complete(_relay_all(pieces, endpoint, 20))  # warm-up
-        runs = []
+        for module in modules:
+            loop.run_until_complete(_relay_all(module, pieces, endpoint, 20))  # warm-up
         for _ in range(repeat):
-            started = time.perf_counter()
-            loop.run_until_complete(_relay_all(pieces, endpoint, streams))
-            runs.append((time.perf_counter() - started) / (streams * len(pieces)))
+            for i, module in enumerate(modules):
+                started = time.perf_counter()
+                loop.run_until_complete(_relay_all(module, pieces, endpoint, streams))
+                took = (time.perf_counter() - started) / (streams * len(pieces))
+                best[i] = min(best[i], took * 1e6)
     finally:
         loop.close()
-    return min(runs) * 1e6, len(pieces)
+    return best
+
+
+def load_baseline(path: str) -> ModuleType:
+    """Another relay.py, imported as a sibling of this one (its relative imports resolve
+    against today's moriio_proxy package)."""
+    spec = importlib.util.spec_from_file_location("moriio_proxy._relay_baseline", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=1000, help="streams per run")
     parser.add_argument("--repeat", type=int, default=5, help="runs; the best is shown")
+    parser.add_argument("--baseline", metavar="FILE", help="another relay.py to time too")
     args = parser.parse_args()
-    print(f"{'endpoint':<12}{'vLLM':<7}{'events':>7}{'us/event':>10}")
+    modules = [current] + ([load_baseline(args.baseline)] if args.baseline else [])
+    header = f"{'endpoint':<12}{'vLLM':<6}{'events':>7}{'us/event':>10}"
+    print(header + (f"{'baseline':>10}" if args.baseline else ""))
     for endpoint in ("completions", "chat"):
         for version in ("0.32", "0.33"):
-            cost, n = measure(endpoint, version, args.streams, args.repeat)
-            print(f"{endpoint:<12}{version:<7}{n:>7}{cost:>10.2f}")
+            costs = measure(modules, endpoint, version, args.streams, args.repeat)
+            n = len(stream(endpoint, version))
+            print(f"{endpoint:<12}{version:<6}{n:>7}" + "".join(f"{c:>10.2f}" for c in costs))
     return 0
 
 
