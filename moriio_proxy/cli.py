@@ -70,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--heartbeat-interval", type=float, default=3.0)
     sim.add_argument("--prefill-latency", type=float, default=0.0, help="seconds per prefill")
     sim.add_argument("--token-latency", type=float, default=0.0, help="seconds per token")
+    sim.add_argument(
+        "--vllm-version",
+        choices=("0.32", "0.33"),
+        default="0.33",
+        help="the vLLM release to behave as (GET /version, and where 0.32 and 0.33 differ)",
+    )
+    sim.add_argument(
+        "--defer-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a prefill keeps KV for its decode (0.33 WRITE: then sends write_failed)",
+    )
     faults = sim.add_argument_group(
         "fault injection",
         "Faults for generation requests (/v1/completions, /v1/chat/completions) that pass "
@@ -308,6 +320,8 @@ async def _sim(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         prefill_latency=args.prefill_latency,
         token_latency=args.token_latency,
+        defer_timeout=args.defer_timeout,
+        vllm_version=args.vllm_version,
         control_port=args.control_port,
         seed=args.seed,
         faults=faults,

@@ -52,10 +52,14 @@ class RunningProxy:
             await asyncio.sleep(0.02)
 
     async def wait_registered(self, n_prefill: int, n_decode: int) -> None:
+        """Until the registry holds exactly these, and knows every simulated instance's
+        vLLM version (pairing depends on it; static instances may never answer)."""
         registry = self.state.registry
         await self.wait_for(
             lambda: (
-                len(registry.healthy("P")) == n_prefill and len(registry.healthy("D")) == n_decode
+                len(registry.healthy("P")) == n_prefill
+                and len(registry.healthy("D")) == n_decode
+                and all(e.vllm_version is not None for e in registry.entries() if not e.static)
             )
         )
 
