@@ -3,33 +3,19 @@ pairs with nobody, from hand-made instance views."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from moriio_proxy.check import verdicts
 from moriio_proxy.views import InstanceView
+from tests.unit.test_check_verdicts import view as verdict_view
 
 WHY = "no live decode instance can work with it: 10.0.0.2:8200: TP 2 (prefill) and 4 ..."
 
 
 def view(role: str = "P", port: int = 8100, **changes: Any) -> InstanceView:
-    base = InstanceView(
-        role="P",
-        http_address=f"10.0.0.2:{port}",
-        zmq_address="host:10.0.0.2,handshake:6301,notify:61005",
-        transfer_mode="WRITE",
-        dp_size=1,
-        tp_size=1,
-        static=False,
-        age_seconds=5.0,
-        seconds_since_heartbeat=0.5,
-        state="healthy",
-        consecutive_failures=0,
-        inflight=0,
-        inflight_by_dp_rank=(0,),
-        vllm_version="0.33.0",
-    )
-    return dataclasses.replace(base, role=role, **changes)
+    """An instance view of a WRITE fleet on vLLM 0.33 (the verdict tests' own, adapted)."""
+    changes = {"transfer_mode": "WRITE", "vllm_version": "0.33.0", **changes}
+    return verdict_view(role, port, **changes)
 
 
 def test_every_instance_paired_lists_the_versions() -> None:

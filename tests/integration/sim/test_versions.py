@@ -115,6 +115,13 @@ async def test_a_033_producer_streams_its_params_on_the_finishing_chunk(
 # ------------------------------------------------------- a WRITE that never happens
 
 
+async def abandon(task: asyncio.Future[Any]) -> None:
+    """The client gives up on a decode that will never answer."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def unrelated_id() -> str:
     """A request id without the sandwich: each leg then uses its explicit remote_* keys."""
     return f"req-{uuid.uuid4().hex}"
@@ -203,9 +210,7 @@ async def test_032_prefill_gives_up_silently_and_the_decode_waits_forever(
         )
         assert await still_pending(d_task, 0.5)
         assert p.stats.write_failed_sent == 0 and d.pending_kv_waiters() == 1
-        d_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await d_task
+        await abandon(d_task)
 
 
 async def test_write_failed_kills_a_032_decodes_notify_listener(
@@ -228,9 +233,7 @@ async def test_write_failed_kills_a_032_decodes_notify_listener(
         await wait_for(lambda: p.stats.kv_writes_sent == 1)  # P wrote...
         assert await still_pending(d_task, 0.5)  # ...but the decode never hears of it
         assert d.dead_reason is None and d.stats.kv_load_failures == 0
-        d_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await d_task
+        await abandon(d_task)
 
 
 # ----------------------------------------------------------------------- mixed TP
@@ -285,9 +288,7 @@ async def test_033_wrong_remote_tp_size_on_the_prefill_leg_leaves_the_decode_wai
         d_task = await write_pair(http, p, d, prefill_kv={"remote_tp_size": 2, "tp_size": 2})
         assert await still_pending(d_task, 0.5)
         assert p.stats.kv_writes_sent == 0 and p.dead_reason is None
-        d_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await d_task
+        await abandon(d_task)
 
 
 async def test_033_wrong_remote_tp_size_on_the_decode_leg_fails_after_defer_timeout(
@@ -316,9 +317,7 @@ async def test_mixed_tp_with_a_032_side_leaves_the_decode_waiting(
         d_task = await write_pair(http, p, d)
         assert await still_pending(d_task, 0.5)
         assert p.stats.kv_writes_sent == 0 and p.dead_reason is None
-        d_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await d_task
+        await abandon(d_task)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
