@@ -24,11 +24,13 @@ from .disagg import Disaggregator
 from .discovery import DiscoverySource, make_discovery
 from .discovery.mirror import fleet_inflight_of
 from .metrics import CONTENT_TYPE, Metrics
+from .pairing import unpaired_reason
 from .policies import LoadBound, PolicySettings, make_decode_policy, make_prefill_policy
 from .protocol import error_body
 from .registry import Entry, Registry
-from .state import ProxyState, build_registry
-from .upstream import Timeouts, Upstream, UpstreamError
+from .state import ProxyState, build_registry, build_upstream
+from .upstream import UpstreamError
+from .version_probe import VersionProbe
 from .views import AdminInstances, InstanceState, InstanceView
 
 log = logging.getLogger("moriio_proxy")
@@ -60,14 +62,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     registry = build_registry(config, clock)
     metrics = Metrics()
-    upstream = Upstream(
-        Timeouts(
-            connect=config.connect_timeout,
-            prefill=config.prefill_timeout,
-            first_byte=config.decode_first_byte_timeout,
-            idle=config.stream_idle_timeout,
-        )
-    )
+    upstream = build_upstream(config)
     source = (discovery or partial(make_discovery, config))(registry, metrics)
     policy_settings = PolicySettings(
         bound=LoadBound(config.balance_abs_threshold, config.balance_rel_threshold),
@@ -84,7 +79,10 @@ def create_app(
         retry_backoff=config.retry_backoff,
         request_timeout=config.request_timeout,
     )
-    proxy = ProxyState(config, registry, metrics, upstream, source, disagg)
+    # Only the source of truth asks instances for their version; a worker's mirror is
+    # told by the supervisor.
+    versions = VersionProbe(registry, upstream) if source.announce else None
+    proxy = ProxyState(config, registry, metrics, upstream, source, disagg, versions)
     app.extensions["moriio_proxy"] = proxy
     metrics.watch(lambda: [e.instance.role for e in registry.entries()])
 
@@ -115,8 +113,9 @@ def create_app(
 
     @app.get("/admin/instances")
     async def admin_instances() -> Response:
-        view = AdminInstances(registry.mode, tuple(_describe(proxy, e) for e in registry.entries()))
-        return _json(view.to_json())
+        live = {role: registry.healthy(role) for role in ("P", "D")}
+        described = tuple(_describe(proxy, e, live) for e in registry.entries())
+        return _json(AdminInstances(registry.mode, described).to_json())
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
@@ -161,9 +160,12 @@ async def _models(proxy: ProxyState) -> Response:
     return _json({"object": "list", "data": list(seen.values())})
 
 
-def _describe(proxy: ProxyState, entry: Entry) -> InstanceView:
+def _describe(proxy: ProxyState, entry: Entry, live: dict[str, list[Entry]]) -> InstanceView:
+    """One instance for /admin/instances; ``live`` holds the healthy instances by role,
+    the peers it is judged against for pairing."""
     registry = proxy.registry
     inst = entry.instance
+    peers = live["D" if inst.role == "P" else "P"]
     silence = registry.silence(entry)
     inflight = fleet_inflight_of(entry)  # every worker's legs under serve --workers N
     condition: InstanceState = (
@@ -187,4 +189,6 @@ def _describe(proxy: ProxyState, entry: Entry) -> InstanceView:
         consecutive_failures=entry.failures,
         inflight=sum(inflight),
         inflight_by_dp_rank=inflight[: inst.dp_size],
+        vllm_version=entry.vllm_version,
+        unpaired=unpaired_reason(entry, peers, registry.mode or inst.transfer_mode),
     )

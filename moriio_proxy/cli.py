@@ -132,6 +132,18 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--prefill-latency", type=float, default=0.0, help="seconds each prefill takes"
     )
     sim.add_argument("--token-latency", type=float, default=0.0, help="seconds per generated token")
+    sim.add_argument(
+        "--vllm-version",
+        choices=("0.32", "0.33"),
+        default="0.33",
+        help="the vLLM release to behave as (GET /version, and where 0.32 and 0.33 differ)",
+    )
+    sim.add_argument(
+        "--defer-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a prefill keeps KV for its decode (0.33 WRITE: then sends write_failed)",
+    )
     _add_sim_faults(sim)
 
 
@@ -443,6 +455,8 @@ async def _sim(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         prefill_latency=args.prefill_latency,
         token_latency=args.token_latency,
+        defer_timeout=args.defer_timeout,
+        vllm_version=args.vllm_version,
         control_port=args.control_port,
         seed=args.seed,
         faults=faults,

@@ -22,6 +22,7 @@ import orjson
 
 from .compat import timeout_after
 from .metrics import Metrics
+from .pairing import NoPairError, Pair, PairChooser
 from .policies import DecodePolicy, PrefillPolicy, RoutingContext, routing_context
 from .protocol import (
     ClientRequest,
@@ -36,9 +37,10 @@ from .protocol import (
     prefill_as_answer,
 )
 from .registry import Entry, Registry
-from .relay import DONE, Relay, Scrubber, public_message, sse_event
+from .relay import DONE, Relay, Scrubber, error_status, public_message, sse_event
 from .tasks import BackgroundTasks
-from .upstream import Upstream, UpstreamError, UpstreamStatusError
+from .upstream import Upstream, UpstreamError, UpstreamKvLoadError, UpstreamStatusError
+from .versions import is_kv_load_failure, maps_write_tp
 
 log = logging.getLogger("moriio_proxy.disagg")
 
@@ -84,13 +86,6 @@ class StreamAnswer:
     chunks: Relay
 
 
-@dataclass
-class _Pair:
-    prefill: Entry
-    rank: int
-    decode: Entry
-
-
 class _LegFailure(Exception):
     """An UpstreamError plus which leg and instance it came from (for retries and logs)."""
 
@@ -134,8 +129,7 @@ class Disaggregator:
         self.registry = registry
         self.upstream = upstream
         self.metrics = metrics
-        self.prefill_policy = prefill_policy
-        self.decode_policy = decode_policy
+        self.pairs = PairChooser(registry, prefill_policy, decode_policy)
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.request_timeout = request_timeout
@@ -143,11 +137,6 @@ class Disaggregator:
         self._reads = prefill_policy.reads | decode_policy.reads
         # Strong references to fire-and-forget work (KV release after a disconnect).
         self._background = BackgroundTasks()
-        registry.instance_removed.connect(self._forget, sender=registry, weak=False)
-
-    def _forget(self, _sender: Any, entry: Entry, **_: Any) -> None:
-        self.prefill_policy.forget(entry.instance.key)
-        self.decode_policy.forget(entry.instance.key)
 
     async def handle(
         self, request: ClientRequest, public_suffix: str, session: str | None = None
@@ -205,7 +194,13 @@ class Disaggregator:
             error.kind,
             error.message,
         )
-        if not _retryable(error):
+        if isinstance(error, UpstreamKvLoadError):
+            # The decode reported the failure but is rarely its cause (it usually queued
+            # the request longer than the prefill's defer_timeout, or its allocation was
+            # lost on the way to the prefill): no step toward ejecting it. docs/protocol.md
+            # section 7.6.
+            self.metrics.kv_load_failures.labels("before_first_byte").inc()
+        elif not _retryable(error):
             self.registry.report_success(entry)  # it answered; the request was at fault
         elif self.registry.report_failure(entry):
             self.metrics.ejections.labels(entry.instance.role).inc()
@@ -222,29 +217,19 @@ class Disaggregator:
 
     # ------------------------------------------------------------------ choosing a pair
 
-    def _choose(self, excluded: set[tuple[str, str]], context: RoutingContext) -> _Pair:
-        prefills = [e for e in self.registry.routable("P") if e.instance.key not in excluded]
-        decodes = [e for e in self.registry.routable("D") if e.instance.key not in excluded]
-        if not prefills or not decodes:
-            missing = " and ".join(
-                name for name, group in (("prefill", prefills), ("decode", decodes)) if not group
-            )
-            raise ProxyError(
-                503,
-                f"no {missing} instance is available; check that vLLM instances are running "
-                "with MoRIIOConnector and proxy_ip/proxy_ping_port pointing at this proxy",
-                headers={"Retry-After": "1"},
-            )
-        target = self.prefill_policy.choose(prefills, context)
-        decode = self.decode_policy.choose(decodes, context)
-        return _Pair(target.entry, target.rank, decode)
+    def _choose(self, excluded: set[tuple[str, str]], context: RoutingContext) -> Pair:
+        """A pair that can work (docs/protocol.md §8.2); a 503 saying why when none can."""
+        try:
+            return self.pairs.choose(excluded, context)
+        except NoPairError as exc:
+            raise ProxyError(503, str(exc), headers={"Retry-After": "1"}) from None
 
     # ---------------------------------------------------------------------- one attempt
 
     async def _attempt(
-        self, request: ClientRequest, pair: _Pair, suffix: str, deadline: float
+        self, request: ClientRequest, pair: Pair, suffix: str, deadline: float
     ) -> JsonAnswer | StreamAnswer:
-        mode = self.registry.mode or pair.prefill.instance.transfer_mode
+        mode = pair.mode
         p, d = pair.prefill.instance, pair.decode.instance
         nonce = new_nonce()
         transfer_id = new_transfer_id(nonce)
@@ -287,14 +272,14 @@ class Disaggregator:
             # From here P holds KV blocks for this decode: the leg is always delivered, so
             # even a client that leaves now ends with D releasing them (see _decode).
             return await self._decode(
-                request, pair.decode, decode_leg(params), scrub, deadline, deliver=True
+                request, pair, decode_leg(params), scrub, deadline, deliver=True
             )
         return await self._write(request, pair, run_prefill, decode_leg(None), scrub, deadline)
 
     async def _write(
         self,
         request: ClientRequest,
-        pair: _Pair,
+        pair: Pair,
         run_prefill: Callable[[], Any],
         leg: Any,
         scrub: Scrubber,
@@ -302,7 +287,7 @@ class Disaggregator:
     ) -> JsonAnswer | StreamAnswer:
         """Both legs at once; the answer waits for prefill's verdict before any byte."""
         p_task: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(run_prefill())
-        d_task = asyncio.ensure_future(self._decode(request, pair.decode, leg, scrub, deadline))
+        d_task = asyncio.ensure_future(self._decode(request, pair, leg, scrub, deadline))
         answer: JsonAnswer | StreamAnswer | None = None
         try:
             while not p_task.done():
@@ -385,13 +370,17 @@ class Disaggregator:
     async def _decode(
         self,
         request: ClientRequest,
-        entry: Entry,
+        pair: Pair,
         leg: Any,
         scrub: Scrubber,
         deadline: float,
         *,
         deliver: bool = False,
     ) -> JsonAnswer | StreamAnswer:
+        entry = pair.decode
+        # A WRITE decode of vLLM 0.33 or later fails a request whose KV cannot come
+        # (docs/protocol.md §7.6, §10 row 6) instead of waiting forever.
+        fails_kv_loads = pair.mode == "WRITE" and maps_write_tp(entry.release)
         stack = contextlib.ExitStack()
         stack.enter_context(self.registry.track(entry))
         try:
@@ -401,7 +390,7 @@ class Disaggregator:
                     raw = await self._send(send, deliver, _ignore)
                     body = scrub.answer(raw, leg.url)
                 except UpstreamError as exc:
-                    raise _LegFailure("decode", entry, exc) from None
+                    raise _decode_failure(entry, exc, fails_kv_loads) from None
                 self.registry.report_success(entry)
                 return JsonAnswer(body)
             try:
@@ -409,18 +398,26 @@ class Disaggregator:
                     self.upstream.open_stream(leg, deadline), deliver, Upstream.abort
                 )
             except UpstreamError as exc:
-                raise _LegFailure("decode", entry, exc) from None
+                raise _decode_failure(entry, exc, fails_kv_loads) from None
             stack.callback(resp.close)
             relay = Relay(resp, scrub, stack)
             try:
                 await relay.prime()
             except UpstreamError as exc:
-                raise _LegFailure("decode", entry, exc) from None
+                raise _decode_failure(entry, exc, fails_kv_loads) from None
             self.registry.report_success(entry)
+            if fails_kv_loads:
+                relay.on_error_event = self._error_after_first_byte
             stack = contextlib.ExitStack()  # the relay owns the cleanup now
             return StreamAnswer(relay)
         finally:
             stack.close()
+
+    def _error_after_first_byte(self, error: dict[str, Any]) -> None:
+        """An error event a WRITE decode sent once the stream had started: it reaches the
+        client as it is (the status is long gone); counted when it is a failed KV load."""
+        if is_kv_load_failure(error_status(error), error):
+            self.metrics.kv_load_failures.labels("after_first_byte").inc()
 
     async def _send(
         self, call: Coroutine[Any, Any, _T], deliver: bool, discard: Callable[[_T], None]
@@ -459,6 +456,21 @@ class Disaggregator:
 
 def _ignore(_: object) -> None:
     """Nothing to free: a JSON answer is already read and released."""
+
+
+def _decode_failure(entry: Entry, error: UpstreamError, fails_kv_loads: bool) -> _LegFailure:
+    """A failed decode leg; a failed KV load is told apart when the decode can report one."""
+    if (
+        fails_kv_loads
+        and isinstance(error, UpstreamStatusError)
+        and is_kv_load_failure(error.status, error.payload)
+    ):
+        error = UpstreamKvLoadError(
+            f"{error.url or 'the decode instance'} failed the request's KV load "
+            f"(HTTP {error.status}: {error.message})",
+            url=error.url,
+        )
+    return _LegFailure("decode", entry, error)
 
 
 def _retryable(error: UpstreamError) -> bool:

@@ -78,6 +78,14 @@ class Metrics:
             "such a request's KV blocks until the engine restarts",
             registry=r,
         )
+        self.kv_load_failures = Counter(
+            "moriio_proxy_kv_load_failures",
+            "Decode legs that failed their KV load (vLLM 0.33 WRITE mode: the prefill's "
+            "write never happened), by when: before_first_byte (retried on a fresh pair) "
+            "or after_first_byte (the client got an SSE error event)",
+            ["when"],
+            registry=r,
+        )
         self.ejections = Counter(
             "moriio_proxy_ejections",
             "Instances taken out of rotation after consecutive failures",

@@ -15,6 +15,7 @@ from typing import Literal
 from blinker import Signal
 
 from .protocol import Instance, Role, TransferMode
+from .versions import Release, parse_release
 
 UpsertResult = Literal["added", "refreshed", "updated", "conflict"]
 
@@ -33,10 +34,22 @@ class Entry:
     # In a worker of ``serve --workers N``: the fleet's in-flight legs per rank, from the
     # supervisor's last snapshot (``inflight`` stays this process's own, for routing).
     fleet_inflight: tuple[int, ...] | None = None
+    # What GET /version answered (None: not known yet, treated as the oldest supported
+    # release), and its (major, minor), which pairing reads on every request.
+    vllm_version: str | None = None
+    release: Release | None = None
 
     def __post_init__(self) -> None:
         if not self.inflight:
             self.inflight = [0] * self.instance.dp_size
+
+    def set_version(self, text: str | None) -> bool:
+        """Record the instance's vLLM version; True when that changed what was known."""
+        if text == self.vllm_version:
+            return False
+        self.vllm_version = text
+        self.release = parse_release(text)
+        return True
 
     @property
     def total_inflight(self) -> int:
@@ -47,7 +60,9 @@ class Registry:
     """Instances keyed by ``(role, http_address)``, as protocol.md section 1 requires.
 
     Signals (blinker, one set per registry so tests never share state):
-    ``instance_added(entry)`` and ``instance_removed(entry, reason=...)``.
+    ``instance_added(entry)``, ``instance_updated(entry)`` (the same address announced a
+    different shape: the instance restarted with other settings) and
+    ``instance_removed(entry, reason=...)``.
     """
 
     def __init__(
@@ -66,6 +81,7 @@ class Registry:
         self._clock = clock
         self._entries: dict[tuple[Role, str], Entry] = {}
         self.instance_added = Signal()
+        self.instance_updated = Signal()
         self.instance_removed = Signal()
 
     @property
@@ -100,6 +116,7 @@ class Registry:
         missing = instance.dp_size - len(existing.inflight)
         if missing > 0:
             existing.inflight.extend([0] * missing)
+        self.instance_updated.send(self, entry=existing)
         return "updated"
 
     def clock(self) -> float:

@@ -14,7 +14,8 @@ from .discovery import DiscoverySource
 from .metrics import Metrics
 from .protocol import Role
 from .registry import Registry
-from .upstream import Upstream
+from .upstream import Timeouts, Upstream
+from .version_probe import VersionProbe
 
 log = logging.getLogger("moriio_proxy")
 
@@ -32,6 +33,18 @@ def build_registry(config: ProxyConfig, clock: Callable[[], float] = time.monoto
     )
 
 
+def build_upstream(config: ProxyConfig) -> Upstream:
+    """The client for vLLM instances, with the configured bounds (not started yet)."""
+    return Upstream(
+        Timeouts(
+            connect=config.connect_timeout,
+            prefill=config.prefill_timeout,
+            first_byte=config.decode_first_byte_timeout,
+            idle=config.stream_idle_timeout,
+        )
+    )
+
+
 @dataclass
 class ProxyState:
     """Everything the app owns; tests reach it through ``app.state(quart_app)``."""
@@ -42,6 +55,9 @@ class ProxyState:
     upstream: Upstream
     discovery: DiscoverySource
     disagg: Disaggregator
+    # Asks each instance for its vLLM version; None in a worker of serve --workers N,
+    # whose versions come with the supervisor's snapshots.
+    versions: VersionProbe | None = None
     draining: bool = False
     started: bool = False
     inflight: int = 0
@@ -56,6 +72,8 @@ class ProxyState:
             return
         await self.discovery.start()
         await self.upstream.start()
+        if self.versions is not None:
+            await self.versions.start()
         self.started = True
 
     async def stop(self) -> None:
@@ -63,6 +81,8 @@ class ProxyState:
             return
         self.started = False
         await self.discovery.stop()
+        if self.versions is not None:
+            await self.versions.stop()
         await self.disagg.close()
         await self.upstream.close()
 

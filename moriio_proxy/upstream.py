@@ -51,6 +51,13 @@ class UpstreamProtocolError(UpstreamError):
     kind = "protocol"
 
 
+class UpstreamKvLoadError(UpstreamError):
+    """A decode that failed the request because its KV cache never arrived (vLLM 0.33
+    WRITE mode, docs/protocol.md §7.6): nothing was generated, so another pair may serve."""
+
+    kind = "kv_load"
+
+
 class UpstreamStatusError(UpstreamError):
     """The instance answered with an HTTP error; ``payload`` is its parsed body, if any."""
 

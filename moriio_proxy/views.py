@@ -79,6 +79,12 @@ class InstanceView(JsonView):
     consecutive_failures: int
     inflight: int
     inflight_by_dp_rank: tuple[int, ...]
+    # What the instance's GET /version answered; None while unknown (pairing then treats it
+    # as the oldest supported release) and from proxies that predate the field.
+    vllm_version: str | None = None
+    # Why the proxy pairs it with no live instance of the other role (TP sizes, versions:
+    # docs/protocol.md §8.2, §10), or None when some pair works or there is no peer.
+    unpaired: str | None = None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from .config import ProxyConfig
 from .discovery import make_discovery
 from .discovery.mirror import MirrorSource, encode_snapshot, sum_reports
 from .metrics import Metrics, enable_multiprocess
-from .state import build_registry
+from .state import build_registry, build_upstream
+from .version_probe import VersionProbe
 
 log = logging.getLogger("moriio_proxy.workers")
 
@@ -84,6 +85,10 @@ class Supervisor:
         self.metrics = Metrics()
         self.registry = build_registry(config)
         self.discovery = make_discovery(config, self.registry, self.metrics)
+        # The supervisor owns discovery, so it learns the instances' vLLM versions too;
+        # a learned version goes to the workers with the next snapshot.
+        self.upstream = build_upstream(config)
+        self.versions = VersionProbe(self.registry, self.upstream, on_learned=self._on_change)
         self._snapshots = f"ipc://{self._dir}/snapshots"
         self._reports = f"ipc://{self._dir}/reports"
         self._workers: dict[int, BaseProcess] = {}
@@ -98,13 +103,20 @@ class Supervisor:
         ctx = zmq.asyncio.Context()
         try:
             await self.discovery.start()
+            await self.upstream.start()
+            await self.versions.start()
             pub = ctx.socket(zmq.PUB)
             pub.setsockopt(zmq.LINGER, 0)
             pub.bind(self._snapshots)
             pull = ctx.socket(zmq.PULL)
             pull.setsockopt(zmq.LINGER, 0)
             pull.bind(self._reports)
-            for signal_ in (self.registry.instance_added, self.registry.instance_removed):
+            registry = self.registry
+            for signal_ in (
+                registry.instance_added,
+                registry.instance_updated,
+                registry.instance_removed,
+            ):
                 signal_.connect(self._on_change, sender=self.registry, weak=False)
             for index in range(self.config.workers):
                 self._start_worker(index)
@@ -129,6 +141,8 @@ class Supervisor:
         finally:
             probe.close()
             await self.discovery.stop()
+            await self.versions.stop()
+            await self.upstream.close()
             ctx.destroy(linger=0)
             shutil.rmtree(self._dir, ignore_errors=True)
         return 0

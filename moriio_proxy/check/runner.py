@@ -74,6 +74,7 @@ async def _run(
         results.append(verdicts.transfer_mode(listing.transfer_mode, listed, rejections))
         results.append(verdicts.parallelism(listed))
         results.append(verdicts.states(listed))
+        results.append(verdicts.pairing(listed))
     probed = await asyncio.gather(*(_probe(prober, view) for view in listed))
     results.extend(verdict for verdict, _ in probed)
     own_models = [(view, answer) for view, (_, answer) in zip(listed, probed, strict=True)]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..protocol import Role, TransferMode
+from ..versions import SUPPORTED, parse_release
 from ..views import AdminInstances, InstanceView, ViewError
 from .answers import NO_PATH, Answer, completion_text, model_ids, ms, said
 from .report import CheckResult, fail, ok, warn
@@ -150,15 +151,15 @@ def transfer_mode(
 
 
 def parallelism(listed: Sequence[InstanceView]) -> CheckResult:
-    """DP and TP sizes vLLM 0.32's MoRI-IO connector can serve together."""
+    """DP and TP sizes the MoRI-IO connector (0.32 and 0.33) can serve together."""
     problems: list[str] = []
     warnings: list[str] = []
     for view in listed:
         dp, tp = _size(view.dp_size), _size(view.tp_size)
         if dp > 1 and tp > 1:
             problems.append(
-                f"{label(view)} has DP={dp} with TP={tp}: vLLM 0.32 gives its workers "
-                "colliding MoRI-IO ports (base + dp_rank + tp_rank)"
+                f"{label(view)} has DP={dp} with TP={tp}: vLLM 0.32 (and 0.33) gives its "
+                "workers colliding MoRI-IO ports (base + dp_rank + tp_rank)"
             )
     prefill_tp = {_size(v.tp_size) for v in listed if v.role == "P"}
     decode_tp = {_size(v.tp_size) for v in listed if v.role == "D"}
@@ -172,9 +173,10 @@ def parallelism(listed: Sequence[InstanceView]) -> CheckResult:
             )
         else:
             warnings.append(
-                f"heterogeneous TP (prefill {p_tp}, decode {d_tp}): vLLM 0.32 allows it "
-                "only for MLA models or when the model's KV heads are at least the "
-                "smaller TP size"
+                f"heterogeneous TP (prefill {p_tp}, decode {d_tp}): the proxy pairs them "
+                "only in WRITE mode with vLLM 0.33 or later on both sides, and vLLM then "
+                "needs each TP size to shard the model's KV heads evenly (MLA models "
+                "excepted)"
             )
     if problems:
         return fail(
@@ -191,6 +193,60 @@ def parallelism(listed: Sequence[InstanceView]) -> CheckResult:
         )
     shapes = ", ".join(f"{label(v)} dp={v.dp_size} tp={v.tp_size}" for v in listed)
     return ok("parallelism", shapes)
+
+
+def pairing(listed: Sequence[InstanceView]) -> CheckResult:
+    """The vLLM version of each instance, and the instances the proxy pairs with nobody.
+
+    The proxy never forms a pair the engines cannot serve (TP sizes, versions: see
+    docs/protocol.md §8.2 and §10), so such an instance is registered, healthy and unused.
+    """
+    live = [v for v in listed if v.state != "stale"]
+    details: dict[str, Any] = {"versions": {label(v): v.vllm_version for v in listed}}
+    unpaired = [v for v in live if v.unpaired]
+    if unpaired:
+        named = "; ".join(f"{label(v)}: {v.unpaired}" for v in unpaired)
+        hint = (
+            "give prefill and decode the same TP size, or run vLLM 0.33 or later on both "
+            "in WRITE mode; never a 0.33 prefill with an older decode in WRITE mode; see "
+            "docs/protocol.md section 10"
+        )
+        blocked = [
+            name
+            for role, name in _ROLES
+            if (mine := [v for v in live if v.role == role]) and all(v.unpaired for v in mine)
+        ]
+        if blocked:
+            return fail("pairing", f"no {' or '.join(blocked)} can be used: {named}", hint, details)
+        return warn("pairing", f"not used: {named}", hint, details)
+    odd = [v for v in live if v.vllm_version and _release_name(v.vllm_version) not in SUPPORTED]
+    if odd:
+        return warn(
+            "pairing",
+            "not a supported vLLM release: "
+            + ", ".join(f"{label(v)} runs {v.vllm_version}" for v in odd),
+            f"run vLLM {' or '.join(SUPPORTED)}; the proxy applies the rules of the nearest",
+            details,
+        )
+    unknown = [v for v in live if v.vllm_version is None]
+    if unknown and len(unknown) < len(live):
+        return warn(
+            "pairing",
+            "vLLM version unknown for "
+            + ", ".join(label(v) for v in unknown)
+            + ": the proxy treats them as 0.32 until their GET /version answers",
+            "check that the proxy reaches those instances' HTTP port (see the reach lines)",
+            details,
+        )
+    if unknown:
+        return ok("pairing", "every instance can be paired; no vLLM version reported", details)
+    versions = sorted({v.vllm_version for v in live if v.vllm_version})
+    return ok("pairing", f"every instance can be paired; vLLM {', '.join(versions)}", details)
+
+
+def _release_name(version: str) -> str | None:
+    release = parse_release(version)
+    return None if release is None else f"{release[0]}.{release[1]}"
 
 
 def _size(n: int) -> int:

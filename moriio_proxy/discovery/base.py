@@ -80,6 +80,7 @@ class DiscoverySource(abc.ABC):
         self.registry = registry
         self.metrics = metrics
         self.static = tuple(static)
+        self.announce = announce
         self.bound_port: int | None = None
         self._tasks = BackgroundTasks()
         self._log = RateLimitedLog(logger)

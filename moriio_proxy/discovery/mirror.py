@@ -6,7 +6,8 @@ at least once a second; each worker's ``MirrorSource`` applies the latest snapsh
 worker's own registry, so every worker routes to the same instances within a heartbeat.
 Liveness stays the supervisor's decision: a worker never evicts by itself, it drops what
 the snapshot no longer holds. The workers report their in-flight legs back, so the
-snapshot also carries the fleet-wide load that ``/admin/instances`` shows.
+snapshot also carries the fleet-wide load that ``/admin/instances`` shows, and the vLLM
+version the supervisor learned for each instance (pairing depends on it).
 
 This module owns the snapshot's wire format (msgpack) on both ends.
 """
@@ -53,9 +54,11 @@ def encode_snapshot(registry: Registry, fleet_inflight: InflightReport) -> bytes
                 "age": now - entry.first_seen,
                 "silence": now - entry.last_seen,
                 "inflight": fleet_inflight.get((inst.role, inst.http_address)),
+                "vllm_version": entry.vllm_version,
             }
         )
-    return msgpack.packb({"entries": entries}, use_bin_type=True)
+    packed: bytes = msgpack.packb({"entries": entries}, use_bin_type=True)
+    return packed
 
 
 def apply_snapshot(registry: Registry, snapshot: Mapping[str, Any]) -> None:
@@ -87,6 +90,8 @@ def apply_snapshot(registry: Registry, snapshot: Mapping[str, Any]) -> None:
         entry.static = bool(item.get("static"))
         inflight = item.get("inflight")
         entry.fleet_inflight = tuple(int(n) for n in inflight) if inflight else None
+        version = item.get("vllm_version")
+        entry.set_version(version if isinstance(version, str) else None)
 
 
 def local_inflight(registry: Registry) -> dict[str, list[int]]:

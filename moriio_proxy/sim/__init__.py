@@ -1,20 +1,22 @@
-"""Simulated vLLM 0.32 instances running the MoRI-IO KV connector (``MoRIIOConnector``).
+"""Simulated vLLM 0.32 and 0.33 instances running the MoRI-IO KV connector (``MoRIIOConnector``).
 
 Why this exists: the proxy can only be trusted if it is tested against something that
-behaves like vLLM 0.32, including the ways vLLM fails: a malformed leg kills the engine, a
-READ decode without valid block ids answers wrong text, a WRITE decode whose prefill never
-comes waits forever. The package is deliberately an independent reading of vLLM's source: it
-imports nothing from the rest of ``moriio_proxy`` (a test enforces it), so a misunderstanding
-in the proxy is not silently mirrored here. Users rehearse deployments on it too
+behaves like vLLM, including the ways vLLM fails: a malformed leg kills the engine, a READ
+decode without valid block ids answers wrong text, a WRITE decode whose prefill never comes
+waits forever (0.32) or, when the prefill gave up waiting for its blocks, fails (0.33).
+The package is deliberately an independent reading of vLLM's source: it imports nothing
+from the rest of ``moriio_proxy`` (a test enforces it), so a misunderstanding in the proxy
+is not silently mirrored here. Users rehearse deployments on it too
 (``moriio-proxy sim``, ``moriio-proxy demo``).
 
-The parts, each mirroring vLLM 0.32's ``kv_connector/v1/moriio/`` and ``entrypoints/``
-sources (the wire contract is ``docs/protocol.md``):
+The parts, each mirroring vLLM's ``kv_connector/v1/moriio/`` and ``entrypoints/`` sources
+(the wire contract is ``docs/protocol.md``):
 
 * ``settings``: SimConfig, SimFaults, SimStats, LegRecord (the public data).
 * ``model``: the toy model; a token is a word, output is a function of the KV fingerprint.
 * ``connector``: the connector's scheduler rules as pure functions (request-id sandwich,
   port offsets, ``add_new_req``, block-id checks): the rules whose violation kills EngineCore.
+* ``tp_mapping``: which prefill and decode TP sizes a transfer can map, per version.
 * ``transport``: handshake / notify ROUTERs per DP rank and DEALERs to peers (ZMQ).
 * ``engine``: EngineCore, per-rank KV memory, the READ and WRITE transfer paths.
 * ``api``: the OpenAI server (validation, JSON / SSE answers), its listener, ``/sim/*``.
@@ -22,16 +24,18 @@ sources (the wire contract is ``docs/protocol.md``):
 * ``heartbeat``: the discovery heartbeat map and loop.
 * ``instance``: SimInstance composing these; ``run_sim``.
 
-Where known next steps go. Each vLLM 0.33 difference is one decision in one function, so a
-``--vllm-version`` setting is read in exactly these: the WRITE decode's wait for its KV
-(``engine.write.WriteTransfers.decode``; 0.33 fails it after the prefill's defer_timeout),
-the READ consumer's claim on the prompt (``connector.external_prompt_tokens``; 0.33 serves a
-request without do_remote_prefill as plain), WRITE-mode port arithmetic
-(``connector.WriteDestination.ports``, ``connector.blocks_notify``; mixed TP), the final SSE
-chunk (``api.responses.respond_stream``; 0.33 carries kv_transfer_params) and the routes
-(``api.server.OpenAIServer.app``; GET /version). A prefix cache is per DP rank state
-(``engine.memory.DpRank``) charged in the one place every leg spends prompt time
-(``engine.runner.ModelRunner.compute_prompt``).
+Versions. ``SimConfig.vllm_version`` ("0.32" or "0.33", default the newest) is read where
+the two differ, each a decision in one function: ``GET /version`` (``api.server``); the
+READ consumer's claim on a prompt without do_remote_prefill
+(``connector.external_prompt_tokens``: 0.32 answers garbage, 0.33 computes it); TP mapping
+in WRITE mode (``tp_mapping``: 0.33 maps divisible sizes when both sides run it, 0.32 none);
+the prefill's deferred write that never got the decode's blocks
+(``engine.write.WriteTransfers._expire``: 0.33 sends write_failed) and what a decode makes
+of that message (``WriteTransfers.failed``: 0.33 fails the request with a 500 or an SSE
+error, 0.32's notify listener dies); ``kv_transfer_params`` in SSE chunks
+(``api.responses``); hybrid models in WRITE mode (``settings.write_mode_refusal``). A prefix
+cache is per DP rank state (``engine.memory.DpRank``) charged in the one place every leg
+spends prompt time (``engine.runner.ModelRunner.compute_prompt``).
 """
 
 from .instance import SimInstance, run_sim

@@ -1,4 +1,4 @@
-"""The MoRI-IO connector's scheduler-side rules in vLLM 0.32, as pure functions.
+"""The MoRI-IO connector's scheduler-side rules in vLLM 0.32 and 0.33, as pure functions.
 
 These decide what a leg's ``kv_transfer_params`` and ``X-Request-Id`` mean: which peer to
 talk to, on which port, with which block ids, and which request ids match. Where the real
@@ -7,9 +7,10 @@ rule raises ``EngineCoreFatal`` and the whole simulated engine dies, as vLLM doe
 silently skips a transfer the rule says why, and the decode answers garbage.
 
 The rules read vLLM 0.32's ``kv_connector/v1/moriio/`` sources (``moriio_common.py``,
-``moriio_connector.py``); the wire contract is ``docs/protocol.md``. A connector behaviour
-that differs between vLLM versions is one of these functions (the package docstring lists
-them). Nothing here does I/O or keeps state.
+``moriio_connector.py``), and 0.33's where it differs; the wire contract is
+``docs/protocol.md``. A connector behaviour that differs between vLLM versions is one of
+these functions, or of ``tp_mapping`` (the package docstring lists them). Nothing here does
+I/O or keeps state.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from .settings import VLLM_VERSIONS
+from .tp_mapping import DecodeFacts, read_tp_refusal, write_tp_refusal
 
 # moriio_common.py: the router embeds both zmq addresses in the request id (the "sandwich").
 _PREFILL_ZMQ_RE = re.compile(r"___prefill_addr_(.+?)___decode_addr_")
@@ -106,13 +110,21 @@ def leg_kind(role: str, kv: dict[str, Any] | None) -> LegKind:
     return "plain"
 
 
-def external_prompt_tokens(role: str, mode: str, n_prompt: int) -> int:
+def external_prompt_tokens(
+    role: str,
+    mode: str,
+    n_prompt: int,
+    remote_prefill: bool = True,
+    version: str = VLLM_VERSIONS[-1],
+) -> int:
     """Prompt tokens the connector claims will arrive as KV (get_num_new_matched_tokens).
 
     0.32's READ consumer claims all but the last prompt token without looking at
     ``do_remote_prefill``, so a plain request sent to it never computes them (garbage).
+    0.33 claims nothing for a request without ``do_remote_prefill``: it is served as a
+    plain vLLM would, prompt computed locally.
     """
-    if role == "D" and mode == "READ":
+    if role == "D" and mode == "READ" and (remote_prefill or version == "0.32"):
         return max(n_prompt - 1, 0)
     return 0
 
@@ -266,8 +278,12 @@ def check_remote_groups(remote_block_ids: Any) -> list[Any]:
     return group
 
 
-def read_source(kv: dict[str, Any], request_id: str, num_external: int) -> ReadSource | NoTransfer:
-    """update_state_after_alloc's READ branch, then the worker's choice of ports."""
+def read_source(
+    kv: dict[str, Any], request_id: str, num_external: int, local_tp: int | None = None
+) -> ReadSource | NoTransfer:
+    """update_state_after_alloc's READ branch, then the worker's choice of ports; with
+    ``local_tp``, the worker's TP-rank mapping too (a prefill of another TP size kills the
+    engine, see ``tp_mapping.check_read_tp``)."""
     remote_block_ids = kv.get("remote_block_ids")
     if not remote_block_ids:
         return NoTransfer(
@@ -279,6 +295,9 @@ def read_source(kv: dict[str, Any], request_id: str, num_external: int) -> ReadS
         )
     group = check_remote_groups(remote_block_ids) if num_external > 0 else None
     meta = add_new_req(request_id, kv, write_mode=False)
+    refusal = read_tp_refusal(local_tp, meta.tp_size) if local_tp and meta.tp_size else None
+    if refusal is not None:
+        raise EngineCoreFatal(f"READ-mode decode leg: {refusal}")
     try:
         rank = int(meta.remote_dp_rank)
     except (TypeError, ValueError) as e:
@@ -304,7 +323,13 @@ class WriteDestination:
     handshake_base: int
     notify_base: int
     dp_local: int
-    tp_size: int
+    tp_size: int  # the decode TP the leg names (0: the same as the prefill's)
+    dp_size: int = 1  # the leg's remote_dp_size: the decode ranks 0.33 tells of a failure
+
+    def failure_ports(self) -> list[int]:
+        """The notify ports of every decode DP rank, where a 0.33 prefill sends
+        write_failed (the ports write_done uses, for ranks 0..remote_dp_size-1)."""
+        return [self.ports(rank)[1] for rank in range(self.dp_size)]
 
     def ports(self, decode_rank: Any) -> tuple[int, int]:
         """(handshake, notify) port of the decode rank named by its "remote_blocks" notify
@@ -334,12 +359,17 @@ def write_destination(request_id: str, kv: dict[str, Any]) -> WriteDestination:
             f"WRITE-mode prefill leg: remote_dp_size {meta.remote_dp_size!r} is "
             f"not an integer ({e})"
         ) from e
+    try:
+        dp_size = max(int(meta.remote_dp_size), 1)
+    except (TypeError, ValueError):
+        dp_size = max(dp_local, 1)
     return WriteDestination(
         host=meta.remote_host,
         handshake_base=meta.remote_handshake_port,
         notify_base=meta.remote_notify_port,
         dp_local=dp_local,
         tp_size=meta.tp_size,
+        dp_size=dp_size,
     )
 
 
@@ -443,13 +473,34 @@ def release_message(transfer_id: Any, consumer_tp_size: int) -> dict[str, Any]:
 
 
 def blocks_ready_message(
-    request_id: str, transfer_id: Any, block_ids: list[int], decode_rank: int
+    request_id: str,
+    transfer_id: Any,
+    block_ids: list[int],
+    decode_rank: int,
+    facts: DecodeFacts | None = None,
 ) -> dict[str, Any]:
-    """D -> P (WRITE): "my blocks are ready, write there"."""
-    return {
+    """D -> P (WRITE): "my blocks are ready, write there" (the same in 0.32 and 0.33);
+    ``facts`` adds what a real prefill learns about the decode by other means."""
+    message = {
         "req_id": request_id,
         "transfer_id": transfer_id,
         "block_notify_list": block_ids,
         "decode_rank": decode_rank,
         "type": "remote_blocks",
     }
+    if facts is not None:
+        message.update(facts.fields())
+    return message
+
+
+def write_failed_message(transfer_id: Any) -> dict[str, Any]:
+    """P -> every D DP rank (WRITE, 0.33): the KV of this transfer will never be written."""
+    return {"type": "write_failed", "transfer_id": transfer_id}
+
+
+def write_refusal(version: str, local_tp: int, dest: WriteDestination) -> None:
+    """The 0.33 prefill's TP topology check (``tp_mapping.write_tp_refusal``) as the
+    engine death it is."""
+    refusal = write_tp_refusal(version, local_tp, dest.tp_size or local_tp)
+    if refusal is not None:
+        raise EngineCoreFatal(f"WRITE-mode prefill leg: {refusal}")

@@ -34,7 +34,7 @@ class SimInstance:
 
     def __init__(self, config: SimConfig) -> None:
         config.validate()
-        tag = f"sim[{config.role}/{config.mode}]"
+        tag = f"sim[{config.role}/{config.mode}/{config.vllm_version}]"
         self.config = config
         self.stats = SimStats()
         #: False: skip heartbeats (the proxy then ejects the instance) while serving on.
@@ -82,7 +82,7 @@ class SimInstance:
 
     @property
     def http_address(self) -> str:
-        """``IP:PORT`` as 0.32 advertises it (an IPv6 host is NOT bracketed)."""
+        """``IP:PORT`` as vLLM advertises it (an IPv6 host is NOT bracketed)."""
         return f"{self.config.host}:{self.port}"
 
     @property
@@ -99,7 +99,7 @@ class SimInstance:
         return self._transport.notify_base
 
     def registration(self) -> dict[str, Any]:
-        """The exact heartbeat map vLLM 0.32 sends (moriio_connector.py _start_heartbeat)."""
+        """The exact heartbeat map vLLM sends (the same in 0.32 and 0.33)."""
         cfg = self.config
         return registration(
             cfg.role, cfg.mode, self.http_address, self.zmq_address, cfg.dp_size, cfg.tp_size
@@ -282,7 +282,8 @@ async def run_sim(config: SimConfig) -> int:
     await inst.start()
     control = f" control={inst.control_url}" if inst.control_url else ""
     print(
-        f"moriio-proxy sim: role={config.role} mode={config.mode} url={inst.url} "
+        f"moriio-proxy sim: role={config.role} mode={config.mode} "
+        f"vllm={config.vllm_version} url={inst.url} "
         f"http_address={inst.http_address} zmq_address={inst.zmq_address}{control}",
         flush=True,
     )

@@ -15,6 +15,11 @@ from typing import Any
 
 _INF_WORDS = ("inf", "+inf", "infinity", "+infinity")
 
+#: The vLLM releases the simulator can behave as (``SimConfig.vllm_version``), oldest first.
+VLLM_VERSIONS = ("0.32", "0.33")
+#: Model architectures, for what the connector refuses at start-up (``SimConfig.model_arch``).
+MODEL_ARCHS = ("dense", "hybrid", "sliding_window")
+
 
 def _seconds(value: Any, name: str) -> float:
     """A duration in seconds: a number >= 0, ``math.inf`` or the string ``"inf"``."""
@@ -191,6 +196,12 @@ class SimConfig:
     control_port: int | None = None
     seed: int | None = None  # seeds SimFaults.probability draws, so runs repeat
     faults: SimFaults = field(default_factory=SimFaults)  # initial faults (copied at init)
+    # The vLLM release to behave as ("0.32" or "0.33"): GET /version, and each connector or
+    # server behaviour that differs between them (the package docstring lists where).
+    vllm_version: str = VLLM_VERSIONS[-1]
+    # "dense", "hybrid" (Mamba/KDA layers) or "sliding_window": only decides whether the
+    # connector refuses to start (WRITE mode: 0.32 refuses both others, 0.33 sliding only).
+    model_arch: str = "dense"
 
     def validate(self) -> None:
         """Raise ValueError on a setting ``vllm serve`` would refuse (checked by SimInstance)."""
@@ -198,10 +209,49 @@ class SimConfig:
             raise ValueError(f"role must be 'P' or 'D', got {self.role!r}")
         if self.mode not in ("READ", "WRITE"):
             raise ValueError(f"mode must be 'READ' or 'WRITE', got {self.mode!r}")
+        if self.vllm_version not in VLLM_VERSIONS:
+            raise ValueError(
+                f"vllm_version must be one of {', '.join(VLLM_VERSIONS)}, got {self.vllm_version!r}"
+            )
+        if self.model_arch not in MODEL_ARCHS:
+            raise ValueError(
+                f"model_arch must be one of {', '.join(MODEL_ARCHS)}, got {self.model_arch!r}"
+            )
+        refusal = write_mode_refusal(self.mode, self.model_arch, self.vllm_version)
+        if refusal is not None:
+            raise ValueError(refusal)
         if self.dp_size < 1 or self.tp_size < 1:
             raise ValueError("dp_size and tp_size must be >= 1")
         if self.control_port is not None and not 0 <= self.control_port <= 65535:
             raise ValueError(f"control_port must be 0-65535, got {self.control_port!r}")
+
+
+def write_mode_refusal(mode: str, model_arch: str, vllm_version: str) -> str | None:
+    """What the MoRI-IO connector raises at start-up for a model it cannot serve in WRITE
+    mode (the engine never comes up, so the instance never heartbeats), or None.
+
+    0.32 refuses hybrid (Mamba/KDA) models and sliding-window cache groups; 0.33 accepts
+    hybrid models and still refuses sliding window (docs/protocol.md section 10).
+    """
+    if mode != "WRITE" or model_arch == "dense":
+        return None
+    if model_arch == "sliding_window":
+        if vllm_version == "0.32":
+            return (
+                "NotImplementedError: MoRIIO WRITE mode does not support hybrid KV cache "
+                "groups (sliding-window attention). Use READ mode, or pass "
+                "--disable-hybrid-kv-cache-manager."
+            )
+        return (
+            "NotImplementedError: MoRIIO WRITE mode does not support sliding-window cache "
+            "groups. Use READ mode, or pass --disable-hybrid-kv-cache-manager."
+        )
+    if vllm_version == "0.32":
+        return (
+            "MoRIIOError: MoRIIO hybrid (mamba/KDA) transfer is implemented for READ mode "
+            "only; set kv_connector_extra_config.read_mode=true"
+        )
+    return None
 
 
 @dataclass
@@ -219,7 +269,9 @@ class SimStats:
     kv_received: int = 0  # D: decode legs that got KV (read or written)
     garbage_outputs: int = 0  # D: answers computed without valid KV
     kv_wait_cancelled: int = 0  # D, WRITE: cancelled while waiting for KV (0.32 leaks blocks)
+    kv_load_failures: int = 0  # D, WRITE, 0.33: requests failed on a write_failed message
     blocks_reaped: int = 0  # P: held blocks freed by defer_timeout (nobody took the KV)
+    write_failed_sent: int = 0  # P, WRITE, 0.33: write_failed messages sent to decode ranks
     # Injected faults by kind: "status", "die_after_tokens", "stall_first_byte",
     # "stall_after_tokens" (per request, when they actually happen) and
     # "refuse_connections" (each time the listener is closed).

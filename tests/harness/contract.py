@@ -19,4 +19,6 @@ INSTANCE_KEYS = [
     "consecutive_failures",
     "inflight",
     "inflight_by_dp_rank",
+    "vllm_version",
+    "unpaired",
 ]

@@ -56,10 +56,14 @@ class RunningProxy:
         await eventually(predicate, timeout)
 
     async def wait_registered(self, n_prefill: int, n_decode: int) -> None:
+        """Until the registry holds exactly these, and knows every simulated instance's
+        vLLM version (pairing depends on it; static instances may never answer)."""
         registry = self.state.registry
         await eventually(
             lambda: (
-                len(registry.healthy("P")) == n_prefill and len(registry.healthy("D")) == n_decode
+                len(registry.healthy("P")) == n_prefill
+                and len(registry.healthy("D")) == n_decode
+                and all(e.vllm_version is not None for e in registry.entries() if not e.static)
             ),
             what=f"{n_prefill} prefill and {n_decode} decode instances registered",
         )

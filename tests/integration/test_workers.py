@@ -148,3 +148,27 @@ async def test_workers_of_a_killed_supervisor_shut_down():
         await running.proc.wait()
         await eventually(lambda: not any(alive(pid) for pid in pids), what="workers gone")
         await eventually(lambda: "the supervisor is gone" in running.log_text())
+
+
+async def test_workers_pair_with_the_versions_the_supervisor_learned():
+    """A mixed-TP WRITE fleet is served only when the workers know both sides run vLLM 0.33
+    (unknown counts as 0.32), so correct answers prove the snapshots carried the versions."""
+    async with fleet(2) as running:
+        for role, tp in (("P", 2), ("D", 4)):
+            await running.add_sim(role, mode="WRITE", tp_size=tp)
+
+        async def every_worker_knows() -> bool:
+            # Fresh connections: whichever worker answers must know both versions.
+            for _ in range(8):
+                _, view = await get_json(running.url + "/admin/instances")
+                instances = view["instances"]
+                if len(instances) != 2 or {i["vllm_version"] for i in instances} != {"0.33.0"}:
+                    return False
+                if any(i["unpaired"] is not None for i in instances):
+                    return False
+            return True
+
+        await eventually(every_worker_knows, interval=0.1, what="versions in every worker")
+        prompts = [f"mixed tp prompt {i}" for i in range(8)]
+        texts = await asyncio.gather(*(complete(running.url, p) for p in prompts))
+        assert texts == [expected_text(p, 6) for p in prompts]

@@ -395,6 +395,8 @@ async def test_registration_by_heartbeat(real_engines: Engines, mode: str):
         task = asyncio.create_task(beat())
         try:
             await proxy.wait_registered(1, 1)
+            # The proxy asked each one's GET /version (through the shim, from the engine).
+            assert {e.vllm_version for e in proxy.state.registry.entries()} == {"0.32.0"}
             body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
             status, _, payload, _ = await post(proxy.url + "/v1/completions", body)
             assert status == 200, payload

@@ -7,7 +7,6 @@ another version, a state this version does not know).
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import socket
 import types
@@ -29,27 +28,9 @@ from moriio_proxy.check.report import CheckResult, Report
 from moriio_proxy.metrics import Metrics
 from moriio_proxy.protocol import error_body
 from moriio_proxy.views import InstanceView
+from tests.harness.entries import instance_view as view
 
 URL = "http://10.0.0.1:10001"
-
-
-def view(role: str = "P", port: int = 8100, **changes: Any) -> InstanceView:
-    base = InstanceView(
-        role="P",
-        http_address=f"10.0.0.2:{port}",
-        zmq_address="host:10.0.0.2,handshake:6301,notify:61005",
-        transfer_mode="READ",
-        dp_size=1,
-        tp_size=1,
-        static=False,
-        age_seconds=5.0,
-        seconds_since_heartbeat=0.5,
-        state="healthy",
-        consecutive_failures=0,
-        inflight=0,
-        inflight_by_dp_rank=(0,),
-    )
-    return dataclasses.replace(base, role=role, **changes)
 
 
 def answer(status: int | None = 200, body: Any = None, **kwargs: Any) -> Answer:

@@ -32,6 +32,8 @@ def instance(**changes: Any) -> dict[str, Any]:
         "consecutive_failures": 0,
         "inflight": 3,
         "inflight_by_dp_rank": [1, 2],
+        "vllm_version": "0.33.0",
+        "unpaired": None,
     }
     doc.update(changes)
     return doc
@@ -59,12 +61,12 @@ def test_no_mode_in_force_and_no_instances_parse() -> None:
 
 
 def test_tolerates_what_other_versions_send() -> None:
-    doc = answer(instance(age_seconds=12, vllm_version="0.33.0", state="draining"))
+    doc = answer(instance(age_seconds=12, gpu_model="MI355X", state="draining"))
     doc["generation"] = 7
     (view,) = AdminInstances.from_json(doc).instances
     assert view.age_seconds == 12.0 and isinstance(view.age_seconds, float)
     assert view.state == "draining"  # a newer proxy's state reaches the reader
-    assert "vllm_version" not in view.to_json()
+    assert "gpu_model" not in view.to_json()
 
 
 @pytest.mark.parametrize(
@@ -117,15 +119,15 @@ def test_a_long_bad_value_is_shortened_in_the_error() -> None:
 def test_a_new_field_is_one_annotated_attribute() -> None:
     @dataclass(frozen=True)
     class Newer(InstanceView):
-        vllm_version: str | None = None
+        gpu_model: str | None = None
 
     old = Newer.from_json(instance())  # an older proxy's answer lacks the field
-    assert old.vllm_version is None
-    new = Newer.from_json(instance(vllm_version="0.32.0"))
-    assert new.vllm_version == "0.32.0"
-    assert list(new.to_json()) == [*INSTANCE_KEYS, "vllm_version"]
-    with pytest.raises(ViewError, match=r"^vllm_version: expected a string, got 32$"):
-        Newer.from_json(instance(vllm_version=32))
+    assert old.gpu_model is None
+    new = Newer.from_json(instance(gpu_model="MI355X"))
+    assert new.gpu_model == "MI355X"
+    assert list(new.to_json()) == [*INSTANCE_KEYS, "gpu_model"]
+    with pytest.raises(ViewError, match=r"^gpu_model: expected a string, got 32$"):
+        Newer.from_json(instance(gpu_model=32))
 
 
 def test_a_field_type_the_contract_cannot_carry_is_a_programming_error() -> None:

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ..engine.core import EngineCore
-from ..engine.request import ENGINE_DEAD, EngineRequest, OutputQueue, StreamSignal, TokenEvent
+from ..engine.request import (
+    ENGINE_DEAD,
+    KV_LOAD_FAILED,
+    EngineRequest,
+    OutputQueue,
+    StreamSignal,
+    TokenEvent,
+)
 from ..faults import DrawnFault, stall
 from ..settings import LegRecord, SimConfig, SimStats
 from .errors import error_body
@@ -72,7 +79,10 @@ class Ledger:
 
 
 def signal_error(signal: StreamSignal, dead_reason: str | None) -> tuple[int, dict[str, object]]:
-    """The status and vLLM error body for a request ended by an engine death or shutdown."""
+    """The status and vLLM error body for a request ended by an engine death or shutdown,
+    or finished with an error (a failed KV load: vLLM's GenerationError says no more)."""
+    if signal is KV_LOAD_FAILED:
+        return 500, error_body("Internal server error", "InternalServerError", 500)
     if signal is ENGINE_DEAD:
         message = f"EngineCore died: {dead_reason}"
         return 500, error_body(message, "InternalServerError", 500)

@@ -1,8 +1,12 @@
-"""vLLM 0.32's answer shapes: the JSON body of a non-streaming request and the SSE stream of
-a streaming one, built from the engine's token events.
+"""vLLM's answer shapes: the JSON body of a non-streaming request and the SSE stream of a
+streaming one, built from the engine's token events.
 
 The proxy relays these byte for byte, so field names, chunk order, where ``usage`` and
 ``kv_transfer_params`` appear, and how an engine death shows up mid-stream all matter.
+Chunks are compact JSON (pydantic's ``model_dump_json``); error events are spaced
+(``json.dumps``), except chat's in 0.33. From 0.33 every completions chunk and every chat
+content chunk carries ``kv_transfer_params``: null, except on the chunk that finishes the
+choice, which carries the engine's (null on a decode).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..engine.request import StreamSignal, TokenEvent
+from ..engine.request import KV_LOAD_FAILED, StreamSignal, TokenEvent
 from .exchange import Exchange
 from .validation import ResponseSpec
 
@@ -94,10 +98,15 @@ class _Sse:
         self._spec = ex.spec
         self._resp = resp
         self._object = "chat.completion.chunk" if ex.spec.chat else "text_completion"
+        self.v033 = ex.engine.config.vllm_version != "0.32"
 
     async def send(self, payload: dict[str, Any] | str) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload)
+        data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
         await self._resp.write(f"data: {data}\n\n".encode())
+
+    async def send_error(self, error: dict[str, Any]) -> None:
+        """An error event: json.dumps spacing, but 0.33's chat serialises it compactly."""
+        await self.send(error if self._spec.chat and self.v033 else json.dumps(error))
 
     def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         spec = self._spec
@@ -155,7 +164,13 @@ async def respond_stream(ex: Exchange) -> web.StreamResponse:
             ev = await ex.next_event()
             if isinstance(ev, StreamSignal):
                 status, err = ex.ended_by(ev)
-                await sse.send(err)
+                if ev is KV_LOAD_FAILED and spec.chat:
+                    # The failure is the request's first engine output, and chat opens
+                    # every choice with its role before it checks that output for errors.
+                    for choice in ex.choices:
+                        if choice.index not in role_sent:
+                            await sse.role(choice.index)
+                await sse.send_error(err)
                 await sse.send("[DONE]")
                 await resp.write_eof()
                 ex.finish(status)
@@ -177,6 +192,8 @@ async def respond_stream(ex: Exchange) -> web.StreamResponse:
                     "total_tokens": prompt_len + ev.n_tokens,
                     "completion_tokens": ev.n_tokens,
                 }
+            if sse.v033:  # the model's last field: after usage
+                c["kv_transfer_params"] = ev.kv_params if ev.final else None
             await sse.send(c)
             if ev.final:
                 done.add(ev.index)

@@ -1,5 +1,6 @@
-"""vLLM 0.32's OpenAI server as the proxy meets it: ``/v1/completions``,
-``/v1/chat/completions``, ``/v1/models``, ``/health``; ``id = "cmpl-" + X-Request-Id``.
+"""vLLM's OpenAI server as the proxy meets it: ``/v1/completions``,
+``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/version``;
+``id = "cmpl-" + X-Request-Id``.
 
 A generation request is validated, may draw an injected fault, is split into engine
 requests, and is answered as JSON or SSE from their token events.
@@ -47,7 +48,12 @@ class OpenAIServer:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/version", self._version)
         return app
+
+    async def _version(self, request: web.Request) -> web.Response:
+        """The same route and shape in 0.32 and 0.33: the release, e.g. "0.33.0"."""
+        return web.json_response({"version": f"{self._config.vllm_version}.0"})
 
     async def _models(self, request: web.Request) -> web.Response:
         cfg = self._config

@@ -162,7 +162,10 @@ class EngineCore:
         await runner.compute_prompt(req)
         if req.kv and cfg.role == "D" and req.kv.get("do_remote_decode"):
             logger.warning("%s a prefill leg (do_remote_decode) was sent to a consumer", self.tag)
-        if external_prompt_tokens(cfg.role, cfg.mode, len(req.words)) > 0:
+        claimed = external_prompt_tokens(
+            cfg.role, cfg.mode, len(req.words), remote_prefill=False, version=cfg.vllm_version
+        )
+        if claimed > 0:
             why = "request without KV to a READ-mode consumer"
             plan = runner.plan(req, runner.garbage(req, why), garbage=True)
         else:
@@ -245,6 +248,11 @@ class EngineCore:
             if role != "D":
                 raise NotifyListenerDied("only decode can get WRITE completion messages")
             self.writes.written(st, message)
+            return None
+        if kind == "write_failed":  # P -> D (WRITE, 0.33): that KV will never be written
+            if role != "D":
+                raise NotifyListenerDied("only decode can get WRITE failure messages")
+            self.writes.failed(st, message)  # a 0.32 decode's listener dies here
             return None
         if kind == "release":  # D -> P: done with the KV (or never needed it)
             if role != "P":

@@ -47,7 +47,7 @@ class ReadTransfers:
         req.adopt_transfer_id()
         # READ recomputes the last prompt token locally; the rest must come from P.
         num_external = external_prompt_tokens(cfg.role, cfg.mode, len(req.words))
-        source = read_source(req.kv, req.engine_id, num_external)
+        source = read_source(req.kv, req.engine_id, num_external, local_tp=cfg.tp_size)
         if isinstance(source, NoTransfer) and source.invalid_params:
             logger.warning(
                 "%s Got invalid KVTransferParams: %s. This request will not utilize KVTransfer",

@@ -24,6 +24,8 @@ class StreamSignal:
 
 ENGINE_DEAD = StreamSignal("engine-dead")
 SHUTTING_DOWN = StreamSignal("shutting-down")
+#: The request finished with an error because its KV never came (0.33 WRITE decode).
+KV_LOAD_FAILED = StreamSignal("kv-load-failed")
 
 
 @dataclass

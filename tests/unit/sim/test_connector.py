@@ -168,7 +168,7 @@ def test_read_source_skips_silently_or_kills() -> None:
 def test_write_destination_ports_follow_the_decode_rank() -> None:
     kv = {"transfer_id": "tx", "remote_block_ids": None, "remote_engine_id": None}
     dest = write_destination(SANDWICH, dict(kv, remote_dp_size=2, remote_tp_size=2))
-    assert dest == WriteDestination("10.0.0.2", 7301, 7401, dp_local=2, tp_size=2)
+    assert dest == WriteDestination("10.0.0.2", 7301, 7401, dp_local=2, tp_size=2, dp_size=2)
     assert dest.ports(1) == (7301 + 2, 7401 + 1)  # handshake uses tp_size, notify does not
     assert dest.ports(3) == (7301 + 2, 7401 + 1)  # wraps at the local DP size
     with pytest.raises(ValueError, match="decode_rank"):
