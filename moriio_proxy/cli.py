@@ -70,6 +70,32 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--heartbeat-interval", type=float, default=3.0)
     sim.add_argument("--prefill-latency", type=float, default=0.0, help="seconds per prefill")
     sim.add_argument("--token-latency", type=float, default=0.0, help="seconds per token")
+    sim.add_argument(
+        "--prefill-token-latency",
+        type=float,
+        default=0.0,
+        help="seconds per prompt token not in the prefix cache (a rank computes one prompt "
+        "at a time)",
+    )
+    sim.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    sim.add_argument(
+        "--num-gpu-blocks-override",
+        type=int,
+        default=65_536,
+        dest="num_gpu_blocks",
+        help="KV blocks per DP rank: the prefix cache's capacity",
+    )
+    sim.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep computed prompt blocks for later requests",
+    )
+    sim.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="report usage.prompt_tokens_details.cached_tokens",
+    )
     faults = sim.add_argument_group(
         "fault injection",
         "Faults for generation requests (/v1/completions, /v1/chat/completions) that pass "
@@ -308,6 +334,11 @@ async def _sim(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         prefill_latency=args.prefill_latency,
         token_latency=args.token_latency,
+        prefill_token_latency=args.prefill_token_latency,
+        block_size=args.block_size,
+        num_gpu_blocks=args.num_gpu_blocks,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         control_port=args.control_port,
         seed=args.seed,
         faults=faults,

@@ -16,7 +16,9 @@ sources (the wire contract is ``docs/protocol.md``):
 * ``connector``: the connector's scheduler rules as pure functions (request-id sandwich,
   port offsets, ``add_new_req``, block-id checks): the rules whose violation kills EngineCore.
 * ``transport``: handshake / notify ROUTERs per DP rank and DEALERs to peers (ZMQ).
-* ``engine``: EngineCore, per-rank KV memory, the READ and WRITE transfer paths.
+* ``engine``: EngineCore, per-rank KV memory and prefix cache (prompt tokens already
+  computed cost nothing; ``prefill_token_latency`` per computed token, one prompt at a time
+  per rank), the READ and WRITE transfer paths.
 * ``api``: the OpenAI server (validation, JSON / SSE answers), its listener, ``/sim/*``.
 * ``faults``: seeded fault draws and what a drawn fault does to a request.
 * ``heartbeat``: the discovery heartbeat map and loop.
@@ -29,9 +31,7 @@ the READ consumer's claim on the prompt (``connector.external_prompt_tokens``; 0
 request without do_remote_prefill as plain), WRITE-mode port arithmetic
 (``connector.WriteDestination.ports``, ``connector.blocks_notify``; mixed TP), the final SSE
 chunk (``api.responses.respond_stream``; 0.33 carries kv_transfer_params) and the routes
-(``api.server.OpenAIServer.app``; GET /version). A prefix cache is per DP rank state
-(``engine.memory.DpRank``) charged in the one place every leg spends prompt time
-(``engine.runner.ModelRunner.compute_prompt``).
+(``api.server.OpenAIServer.app``; GET /version).
 """
 
 from .instance import SimInstance, run_sim
