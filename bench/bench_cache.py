@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument(
-        "--gpu-blocks", type=int, default=2500, help="KV blocks per P: its prefix cache's size"
+        "--gpu-blocks", type=int, default=650, help="KV blocks per P: its prefix cache's size"
     )
     parser.add_argument("--vllm-router", metavar="PATH", help="vllm-router launcher to use")
     parser.add_argument(
