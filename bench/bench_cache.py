@@ -75,15 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--gpu-blocks", type=int, default=650, help="KV blocks per P: its prefix cache's size"
     )
-    parser.add_argument("--vllm-router", metavar="PATH", help="vllm-router launcher to use")
-    parser.add_argument(
-        "--install-vllm-router",
-        action="store_true",
-        help=f"pip-install it into {vllm_router.CACHE_VENV} first",
-    )
-    parser.add_argument(
-        "--vllm-router-spec", default=vllm_router.DEFAULT_SPEC, help="what to install"
-    )
+    vllm_router.add_arguments(parser)
     parser.add_argument(
         "--proxy-arg",
         action="append",
@@ -181,11 +173,7 @@ def describe_run(
         "when": runinfo.now(),
         "machine": runinfo.machine(),
         "moriio_proxy": f"{__version__} at {runinfo.commit()}",
-        "vllm_router": (
-            f"{vllm_router.version(located.binary)} ({located.how})"
-            if located.binary
-            else "not run"
-        ),
+        "vllm_router": vllm_router.describe(located),
         "python": platform.python_version(),
         "command": runinfo.command("bench_cache.py"),
         "workload": (
@@ -217,14 +205,10 @@ def run(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], list[Route
     conversations, facts = workload(args)
     skipped: list[str] = []
     warnings: list[str] = []
-    located = vllm_router.Located(None, "not requested (--routers)")
-    if "vllm-router" in args.router_list:
-        if args.install_vllm_router:
-            vllm_router.install(args.vllm_router_spec)
-        located = vllm_router.locate(args.vllm_router)
-        if located.binary is None:
-            skipped.append(f"vllm-router: {located.how}")
-            print(f"{'#' * 78}\n# vllm-router SKIPPED: {located.how}\n{'#' * 78}", flush=True)
+    wanted = "vllm-router" in args.router_list
+    located = vllm_router.find(args, wanted, "not requested (--routers)")
+    if wanted and located.binary is None:
+        skipped.append(f"vllm-router: {located.how}")
     print(
         f"{facts['requests']} requests per router, prompts of {facts['prompt_tokens_mean']} "
         "tokens on average",

@@ -96,17 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefills", type=int, default=1, help="simulated P per target")
     parser.add_argument("--decodes", type=int, default=2, help="simulated D per target")
     parser.add_argument("--loadgen-workers", type=int, default=2, help="load-generator processes")
-    parser.add_argument("--vllm-router", metavar="PATH", help="vllm-router launcher to use")
-    parser.add_argument(
-        "--install-vllm-router",
-        action="store_true",
-        help=f"pip-install it into {vllm_router.CACHE_VENV} first",
-    )
-    parser.add_argument(
-        "--vllm-router-spec",
-        default=vllm_router.DEFAULT_SPEC,
-        help="what --install-vllm-router installs",
-    )
+    vllm_router.add_arguments(parser)
     parser.add_argument(
         "--proxy-arg",
         action="append",
@@ -160,9 +150,7 @@ def describe_run(args: argparse.Namespace, router: vllm_router.Located) -> dict[
         "when": runinfo.now(),
         "machine": runinfo.machine(),
         "moriio_proxy": f"{__version__} at {runinfo.commit()} ({libs})",
-        "vllm_router": (
-            f"{vllm_router.version(router.binary)} ({router.how})" if router.binary else "not run"
-        ),
+        "vllm_router": vllm_router.describe(router),
         "python": platform.python_version(),
         "command": runinfo.command("bench_overhead.py"),
         "settings": (
@@ -238,18 +226,11 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     skipped: list[str] = []
-    router_path: str | None = None
-    if "vllm-router" in args.target_list:
-        if args.install_vllm_router:
-            vllm_router.install(args.vllm_router_spec)
-        located = vllm_router.locate(args.vllm_router)
-        router_path = located.binary
-        if router_path is None:
-            skipped.append(f"vllm-router, every cell: {located.how}")
-            banner = "#" * 78
-            print(f"{banner}\n# vllm-router SKIPPED: {located.how}\n{banner}", flush=True)
-    else:
-        located = vllm_router.Located(None, "not requested (--targets)")
+    wanted = "vllm-router" in args.target_list
+    located = vllm_router.find(args, wanted, "not requested (--targets)")
+    router_path = located.binary
+    if wanted and router_path is None:
+        skipped.append(f"vllm-router, every cell: {located.how}")
     report: dict[str, Any] = {
         "run": describe_run(args, located),
         "skipped": skipped,

@@ -100,6 +100,16 @@ def markdown(report: dict[str, Any], results: list[RouterResult]) -> str:
                 f"| {policy} | " + " | ".join(cells) + f" | {'yes' if c['all'] else '**no**'} |"
             )
         lines.append("")
+    counters = [(r, line) for r in results for line in r.router_metrics if "prefix" in line]
+    if counters:
+        lines += [
+            "## What vllm-router says it did",
+            "",
+            "Its own Prometheus counters of prefix-routing decisions at the end of its run:",
+            "",
+            *(f"- `{line}`" for _, line in counters),
+            "",
+        ]
     for title, key in (("Skipped", "skipped"), ("Warnings", "warnings")):
         if report[key]:
             lines += [f"## {title}", "", *(f"- {x}" for x in report[key]), ""]
