@@ -191,7 +191,8 @@ def describe_run(
             f"at a time, and caches {args.gpu_blocks} blocks of {args.block_size} tokens "
             f"({p_tokens} tokens, {p_tokens / facts['prompt_tokens_mean']:.0f} mean prompts); "
             f"D emits a token every {args.token_latency * 1000:g} ms. moriio-proxy: "
-            f"`--prefill-policy <policy>` {' '.join(args.proxy_arg)}, defaults otherwise; "
+            f"`{' '.join(['--prefill-policy', '<policy>', *args.proxy_arg])}`, defaults "
+            "otherwise; "
             f"vllm-router: {' '.join((*VLLM_ROUTER_ARGS, *args.router_arg))}."
         ),
         "workload_facts": facts,
