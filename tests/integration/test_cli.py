@@ -45,6 +45,8 @@ def http_json(url: str, body: dict | None = None) -> dict:
         (["serve", "--prefill-policy", "fastest"], "--prefill-policy"),
         (["serve", "--config", "/nonexistent/moriio.yaml"], "--config"),
         (["sim", "--role", "X"], "--role"),
+        (["sim", "--role", "P", "--block-size", "0"], "block_size"),
+        (["sim", "--role", "P", "--prefill-token-latency", "-1"], "prefill_token_latency"),
         (["serve", "--no-such-flag"], "--no-such-flag"),
     ],
 )
