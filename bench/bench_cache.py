@@ -19,11 +19,9 @@ writes the committed bench/results/cache.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,6 @@ from bench.overhead.targets import SimArgs, Target, start_moriio_proxy, start_vl
 from bench.processes import StartError  # noqa: E402
 from moriio_proxy.sim import chat_prompt_text, expected_text  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 POLICIES = ("round_robin", "least_loaded", "session", "cache_aware")
 ROUTERS = (*POLICIES, "vllm-router")
 # vllm-router's cache_aware for prefill; decode by power of two choices, as moriio-proxy's
@@ -256,22 +253,10 @@ def run(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], list[Route
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    out = (args.out or RESULTS / "scratch" / f"cache-{stamp}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"results folder: {out}", flush=True)
+    out = runinfo.results_folder(args.out, "cache-")
     report, results = run(args, out)
     text = markdown(report, results)
-    payload = json.dumps(report, indent=2) + "\n"
-    written = [out / "cache.json", out / "cache.md"]
-    written[0].write_text(payload)
-    written[1].write_text(text)
-    if args.update:
-        (RESULTS / "cache.json").write_text(payload)
-        (RESULTS / "cache.md").write_text(text)
-        written += [RESULTS / "cache.json", RESULTS / "cache.md"]
-    print(text)
-    print("written: " + ", ".join(str(p) for p in written), flush=True)
+    runinfo.write_results(out, "cache", report, text, args.update)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +53,30 @@ def now() -> str:
 def command(script: str) -> str:
     """How this run was started, to paste."""
     return f"python bench/{script} " + shlex.join(sys.argv[1:])
+
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def results_folder(chosen: Path | None, prefix: str = "") -> Path:
+    """``chosen``, or a new git-ignored ``results/scratch/<prefix><UTC time>`` folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out = (chosen or RESULTS / "scratch" / f"{prefix}{stamp}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"results folder: {out}", flush=True)
+    return out
+
+
+def write_results(out: Path, stem: str, report: dict[str, Any], text: str, update: bool) -> None:
+    """``<stem>.json`` and ``<stem>.md`` into ``out``, and with ``update`` into the committed
+    ``bench/results`` too; prints the markdown and where it all went."""
+    payload = json.dumps(report, indent=2) + "\n"
+    folders = [out, RESULTS] if update else [out]
+    written = []
+    for folder in folders:
+        for suffix, content in ((".json", payload), (".md", text)):
+            path = folder / f"{stem}{suffix}"
+            path.write_text(content)
+            written.append(path)
+    print(text)
+    print("written: " + ", ".join(str(p) for p in written), flush=True)
