@@ -21,11 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
-import json
-import os
 import platform
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import runinfo  # noqa: E402
 from bench.overhead import profile as pyspy  # noqa: E402
 from bench.overhead import vllm_router  # noqa: E402
 from bench.overhead.cells import Cell, Measurement, Settings, run_cell, summarize  # noqa: E402
@@ -50,7 +47,6 @@ from bench.overhead.workers import WorkerPool  # noqa: E402
 from bench.processes import StartError  # noqa: E402
 from moriio_proxy.protocol import TransferMode  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 TARGETS = ("floor", "moriio-proxy", "vllm-router")
 # (warm-up s, window s, rounds): 18 cells x 3 targets x 3 rounds of ~6.5 s = about 6 minutes
 DEFAULT_TIMES = (2.0, 4.0, 3)
@@ -98,17 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefills", type=int, default=1, help="simulated P per target")
     parser.add_argument("--decodes", type=int, default=2, help="simulated D per target")
     parser.add_argument("--loadgen-workers", type=int, default=2, help="load-generator processes")
-    parser.add_argument("--vllm-router", metavar="PATH", help="vllm-router launcher to use")
-    parser.add_argument(
-        "--install-vllm-router",
-        action="store_true",
-        help=f"pip-install it into {vllm_router.CACHE_VENV} first",
-    )
-    parser.add_argument(
-        "--vllm-router-spec",
-        default=vllm_router.DEFAULT_SPEC,
-        help="what --install-vllm-router installs",
-    )
+    vllm_router.add_arguments(parser)
     parser.add_argument(
         "--proxy-arg",
         action="append",
@@ -152,42 +138,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip()
-
-
 def describe_run(args: argparse.Namespace, router: vllm_router.Located) -> dict[str, Any]:
     from moriio_proxy import __version__
 
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown commit"
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    cpu_model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu_model = line.split(":", 1)[1].strip()
-            break
     libs = ", ".join(
         f"{name} {importlib.metadata.version(name)}" for name in ("hypercorn", "quart", "aiohttp")
     )
-    load = os.getloadavg()
     return {
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {cpu_model}, {os.cpu_count()} cores, "
-        f"load average {load[0]:.2f} at start",
-        "moriio_proxy": f"{__version__} at {commit}"
-        + (" (uncommitted changes)" if dirty else "")
-        + f" ({libs})",
-        "vllm_router": (
-            f"{vllm_router.version(router.binary)} ({router.how})" if router.binary else "not run"
-        ),
+        "when": runinfo.now(),
+        "machine": runinfo.machine(),
+        "moriio_proxy": f"{__version__} at {runinfo.commit()} ({libs})",
+        "vllm_router": vllm_router.describe(router),
         "python": platform.python_version(),
-        "command": "python bench/bench_overhead.py " + shlex.join(sys.argv[1:]),
+        "command": runinfo.command("bench_overhead.py"),
         "settings": (
             f"{args.max_tokens} max_tokens; c closed-loop clients; {args.rounds} round(s) of "
             f"{args.warmup:g} s warm-up then {args.duration:g} s measured, the targets' rounds "
@@ -261,18 +224,11 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     skipped: list[str] = []
-    router_path: str | None = None
-    if "vllm-router" in args.target_list:
-        if args.install_vllm_router:
-            vllm_router.install(args.vllm_router_spec)
-        located = vllm_router.locate(args.vllm_router)
-        router_path = located.binary
-        if router_path is None:
-            skipped.append(f"vllm-router, every cell: {located.how}")
-            banner = "#" * 78
-            print(f"{banner}\n# vllm-router SKIPPED: {located.how}\n{banner}", flush=True)
-    else:
-        located = vllm_router.Located(None, "not requested (--targets)")
+    wanted = "vllm-router" in args.target_list
+    located = vllm_router.find(args, wanted, "not requested (--targets)")
+    router_path = located.binary
+    if wanted and router_path is None:
+        skipped.append(f"vllm-router, every cell: {located.how}")
     report: dict[str, Any] = {
         "run": describe_run(args, located),
         "skipped": skipped,
@@ -394,22 +350,10 @@ def run_mode(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    out = (args.out or RESULTS / "scratch" / stamp).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"results folder: {out}", flush=True)
+    out = runinfo.results_folder(args.out, "")
     report = run(args, out)
     text = markdown(report)
-    payload = json.dumps(report, indent=2) + "\n"
-    written = [out / "overhead.json", out / "overhead.md"]
-    written[0].write_text(payload)
-    written[1].write_text(text)
-    if args.update:
-        (RESULTS / "overhead.json").write_text(payload)
-        (RESULTS / "overhead.md").write_text(text)
-        written += [RESULTS / "overhead.json", RESULTS / "overhead.md"]
-    print(text)
-    print("written: " + ", ".join(str(p) for p in written), flush=True)
+    runinfo.write_results(out, "overhead", report, text, args.update)
     return 0
 
 

@@ -144,6 +144,32 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=60.0,
         help="seconds a prefill keeps KV for its decode (0.33 WRITE: then sends write_failed)",
     )
+    sim.add_argument(
+        "--prefill-token-latency",
+        type=float,
+        default=0.0,
+        help="seconds per prompt token not in the prefix cache (a rank computes one prompt "
+        "at a time)",
+    )
+    sim.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    sim.add_argument(
+        "--num-gpu-blocks-override",
+        type=int,
+        default=65_536,
+        dest="num_gpu_blocks",
+        help="KV blocks per DP rank: the prefix cache's capacity",
+    )
+    sim.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep computed prompt blocks for later requests",
+    )
+    sim.add_argument(
+        "--enable-prompt-tokens-details",
+        action="store_true",
+        help="report usage.prompt_tokens_details.cached_tokens",
+    )
     _add_sim_faults(sim)
 
 
@@ -457,6 +483,11 @@ async def _sim(args: argparse.Namespace) -> int:
         token_latency=args.token_latency,
         defer_timeout=args.defer_timeout,
         vllm_version=args.vllm_version,
+        prefill_token_latency=args.prefill_token_latency,
+        block_size=args.block_size,
+        num_gpu_blocks=args.num_gpu_blocks,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         control_port=args.control_port,
         seed=args.seed,
         faults=faults,

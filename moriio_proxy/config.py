@@ -47,9 +47,9 @@ class ProxyConfig:
     k8s_api_url: str = ""
     instance_ttl: float = 10.0
     transfer_mode: Literal["auto", "READ", "WRITE"] = "auto"
-    prefill_policy: str = "least_loaded"
+    prefill_policy: str = "cache_aware"
     decode_policy: str = "least_loaded"
-    balance_abs_threshold: int = 8
+    balance_abs_threshold: int = 2
     balance_rel_threshold: float = 1.5
     cache_block_chars: int = 128
     cache_max_blocks: int = 1 << 18

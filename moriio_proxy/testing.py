@@ -22,7 +22,8 @@ _SERVING = re.compile(
 )
 # "moriio-proxy sim: role=P mode=READ url=... http_address=... zmq_address=...[ control=...]"
 _SIM = re.compile(
-    r"moriio-proxy sim: role=(?P<role>[PD]) mode=(?P<mode>\w+) url=(?P<url>\S+) "
+    r"moriio-proxy sim: role=(?P<role>[PD]) mode=(?P<mode>\w+) "
+    r"(?:vllm=(?P<vllm_version>\S+) )?url=(?P<url>\S+) "
     r"http_address=(?P<http_address>\S+) zmq_address=(?P<zmq_address>\S+)"
     r"(?: control=(?P<control_url>\S+))?"
 )
@@ -53,6 +54,7 @@ class SimStarted:
     http_address: str
     zmq_address: str
     control_url: str | None
+    vllm_version: str | None = None  # the release it behaves as (absent before 0.33 support)
 
 
 def parse_serving(text: str) -> Serving | None:
@@ -81,4 +83,5 @@ def parse_sim_started(text: str) -> SimStarted | None:
         http_address=found["http_address"],
         zmq_address=found["zmq_address"],
         control_url=found["control_url"],
+        vllm_version=found["vllm_version"],
     )

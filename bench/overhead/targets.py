@@ -20,7 +20,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None  # None for the floor
     log: Path | None = None
     address: tuple[str, int] | None = None  # the target's HTTP address; None for the floor
+    metrics_url: str | None = None  # its Prometheus endpoint, when it serves one apart
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -95,15 +96,26 @@ class Target:
             stop(sim.proc)
 
 
+#: Extra ``moriio-proxy sim`` arguments per role ("P", "D"): identical for every target.
+SimArgs = Mapping[str, Sequence[str]]
+
+
 def _sims(
-    name: str, mode: str, logs: Path, proxy: str | None, prefills: int, decodes: int
+    name: str,
+    mode: str,
+    logs: Path,
+    proxy: str | None,
+    prefills: int,
+    decodes: int,
+    sim_args: SimArgs | None = None,
 ) -> list[SimProcess]:
     sims: list[SimProcess] = []
     try:
         for role, count in (("P", prefills), ("D", decodes)):
+            extra = (sim_args or {}).get(role, ())
             for i in range(count):
                 log = logs / f"{name}-{mode}-sim-{role}{i}.log"
-                sims.append(start_sim(role, mode, log, proxy))
+                sims.append(start_sim(role, mode, log, proxy, extra))
     except BaseException:
         for sim in sims:
             stop(sim.proc)
@@ -146,12 +158,19 @@ def start_floor(mode: str, logs: Path, prefills: int, decodes: int) -> Target:
 
 
 def start_moriio_proxy(
-    mode: str, logs: Path, prefills: int, decodes: int, extra: Sequence[str] = ()
+    mode: str,
+    logs: Path,
+    prefills: int,
+    decodes: int,
+    extra: Sequence[str] = (),
+    *,
+    name: str = "moriio-proxy",
+    sim_args: SimArgs | None = None,
 ) -> Target:
-    proxy = start_proxy(logs / f"moriio-proxy-{mode}.log", extra)
-    target = Target("moriio-proxy", mode, [], proxy.proc, proxy.log, ("127.0.0.1", proxy.http_port))
+    proxy = start_proxy(logs / f"{name}-{mode}.log", extra)
+    target = Target(name, mode, [], proxy.proc, proxy.log, ("127.0.0.1", proxy.http_port))
     try:
-        target.sims = _sims("moriio-proxy", mode, logs, proxy.discovery, prefills, decodes)
+        target.sims = _sims(name, mode, logs, proxy.discovery, prefills, decodes, sim_args)
         _wait_serving(target)
     except BaseException:
         target.stop()
@@ -160,22 +179,32 @@ def start_moriio_proxy(
 
 
 def start_vllm_router(
-    binary: str, mode: str, logs: Path, prefills: int, decodes: int, attempts: int = 5
+    binary: str,
+    mode: str,
+    logs: Path,
+    prefills: int,
+    decodes: int,
+    attempts: int = 5,
+    *,
+    name: str = "vllm-router",
+    router_args: Sequence[str] = (),
+    sim_args: SimArgs | None = None,
 ) -> Target:
     """vllm-router in MoRI-IO mode; new random ports and a new try when one was taken."""
     rng = random.Random()
     for attempt in range(1, attempts + 1):
-        log = fresh_log(logs / f"vllm-router-{mode}.log")
+        log = fresh_log(logs / f"{name}-{mode}.log")
         http, discovery, prometheus = rng.sample(range(*_PORT_RANGE), 3)
         args = [
             binary, "--vllm-pd-disaggregation", "--kv-connector", "moriio",
             "--vllm-discovery-address", f"127.0.0.1:{discovery}",
             "--host", "127.0.0.1", "--port", str(http),
             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prometheus),
-            "--log-level", "warning",
+            "--log-level", "warning", *router_args,
         ]  # fmt: skip
         proc = spawn(args, log)
-        target = Target("vllm-router", mode, [], proc, log, ("127.0.0.1", http))
+        target = Target(name, mode, [], proc, log, ("127.0.0.1", http))
+        target.metrics_url = f"http://127.0.0.1:{prometheus}/metrics"
         try:
             wait_for_output(proc, log, (ROUTER_STARTED_RE,), timeout=30)
         except StartError as exc:
@@ -190,7 +219,7 @@ def start_vllm_router(
             target.notes.append(f"ports taken on {attempt - 1} launch(es); retried")
         try:
             target.sims = _sims(
-                "vllm-router", mode, logs, f"127.0.0.1:{discovery}", prefills, decodes
+                name, mode, logs, f"127.0.0.1:{discovery}", prefills, decodes, sim_args
             )
             _wait_serving(target)
         except BaseException:

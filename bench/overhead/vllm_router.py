@@ -7,6 +7,7 @@ the proxy is tested in.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -79,3 +80,40 @@ def version(binary: str) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() or "unknown"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark that runs vllm-router takes."""
+    parser.add_argument("--vllm-router", metavar="PATH", help="vllm-router launcher to use")
+    parser.add_argument(
+        "--install-vllm-router",
+        action="store_true",
+        help=f"pip-install it into {CACHE_VENV} first",
+    )
+    parser.add_argument(
+        "--vllm-router-spec", default=DEFAULT_SPEC, help="what --install-vllm-router installs"
+    )
+
+
+def find(args: argparse.Namespace, wanted: bool, why_not: str) -> Located:
+    """The launcher the options name (installed first if asked), or why there is none.
+
+    ``wanted`` False: vllm-router is not part of this run (``why_not`` says so). When it
+    is wanted and not found, a banner says so at once: the results list it as skipped.
+    """
+    if not wanted:
+        return Located(None, why_not)
+    if args.install_vllm_router:
+        install(args.vllm_router_spec)
+    located = locate(args.vllm_router)
+    if located.binary is None:
+        banner = "#" * 78
+        print(f"{banner}\n# vllm-router SKIPPED: {located.how}\n{banner}", flush=True)
+    return located
+
+
+def describe(located: Located) -> str:
+    """Its version and where it came from, for the results' header."""
+    if located.binary is None:
+        return "not run"
+    return f"{version(located.binary)} ({located.how})"

@@ -63,7 +63,7 @@ class LoadBound:
     does not turn off affinity for all the others.
     """
 
-    abs_threshold: int = 8
+    abs_threshold: int = 2
     rel_threshold: float = 1.5
 
     def exceeded(self, load: int, least: int) -> bool:

@@ -18,7 +18,9 @@ The parts, each mirroring vLLM's ``kv_connector/v1/moriio/`` and ``entrypoints/`
   port offsets, ``add_new_req``, block-id checks): the rules whose violation kills EngineCore.
 * ``tp_mapping``: which prefill and decode TP sizes a transfer can map, per version.
 * ``transport``: handshake / notify ROUTERs per DP rank and DEALERs to peers (ZMQ).
-* ``engine``: EngineCore, per-rank KV memory, the READ and WRITE transfer paths.
+* ``engine``: EngineCore, per-rank KV memory and prefix cache (prompt tokens already
+  computed cost nothing; ``prefill_token_latency`` per computed token, one prompt at a time
+  per rank), the READ and WRITE transfer paths.
 * ``api``: the OpenAI server (validation, JSON / SSE answers), its listener, ``/sim/*``.
 * ``faults``: seeded fault draws and what a drawn fault does to a request.
 * ``heartbeat``: the discovery heartbeat map and loop.

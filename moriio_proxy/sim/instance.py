@@ -157,6 +157,7 @@ class SimInstance:
             dead_reason=self.dead_reason,
             held_transfers=self.held_transfers(),
             pending_kv_waiters=self.pending_kv_waiters(),
+            prefix_cache_blocks=self._engine.cached_blocks(),
             in_flight=len(self._engine.streams),
             refusing=self.refusing,
             heartbeating=self.heartbeating,

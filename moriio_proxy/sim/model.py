@@ -11,6 +11,7 @@ Everything here is pure (no clock, no randomness, no I/O).
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,12 +71,15 @@ def ends_at_once(prompt_text: str) -> bool:
 
 
 def _words(seed: str, n: int, vocab: tuple[str, ...]) -> list[str]:
-    """Deterministic greedy "sampling": word k depends only on (seed, k)."""
-    out: list[str] = []
-    for k in range(n):
-        digest = hashlib.sha256(f"{seed}:{k}".encode()).digest()
-        out.append(vocab[int.from_bytes(digest[:4], "big") % len(vocab)])
-    return out
+    """Deterministic greedy "sampling": word k depends only on (seed, k).
+
+    One SHAKE-256 stream per answer, four bytes a word: an extendable-output hash gives the
+    same first 4k bytes whatever length is asked for, so a shorter answer is a prefix of a
+    longer one, at one hash per request instead of one per token.
+    """
+    stream = hashlib.shake_256(seed.encode()).digest(4 * n)
+    size = len(vocab)
+    return [vocab[x % size] for x in struct.unpack(f">{n}I", stream)]
 
 
 def expected_text(prompt_text: str, n_tokens: int) -> str:

@@ -189,6 +189,18 @@ class SimConfig:
     defer_timeout: float = 60.0  # kv_connector_extra_config defer_timeout: P reaps held blocks
     transfer_timeout: float = 30.0  # handshake / READ wait before giving up (garbage answer)
     block_size: int = 16  # tokens per KV block (--block-size)
+    # The prefix cache of each DP rank (vLLM 0.32 enables it by default): prompt blocks
+    # already computed are not computed again. Capacity in blocks of block_size tokens
+    # (vLLM sizes it from GPU memory; --num-gpu-blocks-override sets it).
+    enable_prefix_caching: bool = True
+    num_gpu_blocks: int = 65_536
+    # Seconds per prompt token a rank computes (prefix-cache hits cost nothing). A rank
+    # computes one prompt after another, so this is also what makes a busy rank's queue
+    # grow; prefill_latency is a fixed cost on top, paid concurrently.
+    prefill_token_latency: float = 0.0
+    # usage.prompt_tokens_details (cached_tokens) in answers, as vLLM's
+    # --enable-prompt-tokens-details (off by default there too).
+    enable_prompt_tokens_details: bool = False
     max_leg_records: int = 100_000  # bound on SimInstance.legs for long benchmark runs
     # Fault injection. /sim/faults and /sim/stats are always served on the HTTP port; with
     # control_port set (0 = pick a free port) ALSO on this port, which refuse_connections
@@ -222,6 +234,12 @@ class SimConfig:
             raise ValueError(refusal)
         if self.dp_size < 1 or self.tp_size < 1:
             raise ValueError("dp_size and tp_size must be >= 1")
+        if self.block_size < 1 or self.num_gpu_blocks < 1:
+            raise ValueError("block_size and num_gpu_blocks must be >= 1")
+        if not self.prefill_token_latency >= 0:
+            raise ValueError(
+                f"prefill_token_latency must be >= 0, got {self.prefill_token_latency!r}"
+            )
         if self.control_port is not None and not 0 <= self.control_port <= 65535:
             raise ValueError(f"control_port must be 0-65535, got {self.control_port!r}")
 
@@ -272,6 +290,13 @@ class SimStats:
     kv_load_failures: int = 0  # D, WRITE, 0.33: requests failed on a write_failed message
     blocks_reaped: int = 0  # P: held blocks freed by defer_timeout (nobody took the KV)
     write_failed_sent: int = 0  # P, WRITE, 0.33: write_failed messages sent to decode ranks
+    # The prefix cache, in tokens, as vLLM's vllm:prefix_cache_queries / _hits count them:
+    # prompt tokens looked up and found, over engine requests that compute their prompt
+    # (decode legs take theirs from P and are not counted). hits / queries is the hit rate.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_evicted_blocks: int = 0
+    prompt_tokens_computed: int = 0  # prompt tokens charged prefill_token_latency
     # Injected faults by kind: "status", "die_after_tokens", "stall_first_byte",
     # "stall_after_tokens" (per request, when they actually happen) and
     # "refuse_connections" (each time the listener is closed).
@@ -297,3 +322,7 @@ class LegRecord:
     started_at: float = 0.0
     finished_at: float | None = None
     faults: list[str] = field(default_factory=list)  # injected fault kinds applied to this leg
+    # Prompt tokens of this request's engine requests served from the prefix cache (a
+    # decode leg: what P reported, else what arrived as KV) and computed here.
+    cached_tokens: int = 0
+    computed_tokens: int = 0

@@ -5,11 +5,17 @@ KV "transfers" between simulated instances are msgpack messages on these real po
 wrong host, port or DP rank in a leg breaks them the way a wrong RDMA target would. The
 transport knows sockets and message framing; what a message means is the engine's business
 (it hands ``serve`` a callback).
+
+Sockets to peers are long-lived, one per peer path, as 0.32 keeps its ``self.paths``: a
+socket connect per KV read was the largest cost of a simulated decode. Requests that expect
+an answer (the simulated RDMA read) carry a correlation frame the ROUTER echoes back, so
+many reads share one socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from collections.abc import Callable
@@ -61,6 +67,62 @@ def endpoint(host: str, port: int) -> str:
     return f"tcp://{host}:{port}"
 
 
+class _Caller:
+    """Request/reply with one peer ROUTER over one long-lived DEALER.
+
+    Each request is sent as ``[key, *frames]``; the ROUTER echoes the frames between its
+    identity frame and the payload, so the reply ``[key, *reply]`` finds its waiter. A reply
+    that comes after its waiter gave up is dropped.
+    """
+
+    def __init__(self, sock: zmq.asyncio.Socket) -> None:
+        self._sock = sock
+        self._pending: dict[bytes, asyncio.Future[list[bytes]]] = {}
+        self._keys = itertools.count(1)
+        self._reader: asyncio.Task[None] | None = None
+
+    async def call(self, frames: list[bytes], timeout: float) -> list[bytes] | None:
+        """The reply's frames, or None when none came within ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read())
+        key = next(self._keys).to_bytes(8, "big")
+        fut: asyncio.Future[list[bytes]] = loop.create_future()
+        self._pending[key] = fut
+        deadline = loop.time() + timeout
+        try:
+            # Unconnected peers queue messages up to the high-water mark, then block: the
+            # send is bounded by the same deadline as the answer.
+            await asyncio.wait_for(self._sock.send_multipart([key, *frames]), timeout)
+            return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+        except (asyncio.TimeoutError, zmq.ZMQError):
+            return None
+        finally:
+            self._pending.pop(key, None)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                frames = await self._sock.recv_multipart()
+                fut = self._pending.pop(frames[0], None) if len(frames) >= 2 else None
+                if fut is not None and not fut.done():
+                    fut.set_result(frames[1:])
+        except zmq.ZMQError:
+            pass  # the socket or context was closed
+        finally:
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.cancel()
+
+    def close(self) -> asyncio.Task[None] | None:
+        """Stop reading and close the socket; returns the reader to await, if any."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+        self._sock.close(linger=0)
+        return reader
+
+
 class Transport:
     """The ZMQ context and sockets of one instance (all its DP ranks)."""
 
@@ -74,6 +136,7 @@ class Transport:
         self._handshake_socks: list[zmq.asyncio.Socket] = []
         self._listeners: list[asyncio.Task[None]] = []
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
+        self._callers: dict[str, _Caller] = {}
         self._handshaken: set[str] = set()
         self._rng = random.Random()
 
@@ -142,9 +205,16 @@ class Transport:
         await asyncio.gather(*self._listeners, return_exceptions=True)
         for sock in (*self._notify_socks, *self._handshake_socks):
             sock.close(linger=0)
+        readers = [r for r in self._close_callers() if r is not None]
+        await asyncio.gather(*readers, return_exceptions=True)
+
+    def _close_callers(self) -> list[asyncio.Task[None] | None]:
+        callers, self._callers = list(self._callers.values()), {}
+        return [c.close() for c in callers]
 
     def close(self) -> None:
         """Destroy the context and every socket in it (idempotent)."""
+        self._close_callers()
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
@@ -186,20 +256,24 @@ class Transport:
                     e,
                 )
                 return
-            if reply is not None:
-                await sock.send_multipart([ident, pack(reply)])
+            if reply is not None:  # echo the sender's envelope (a _Caller's key)
+                await sock.send_multipart([ident, *frames[1:-1], pack(reply)])
+
+    def _connect(self, host: str, port: int) -> zmq.asyncio.Socket:
+        """A new DEALER connected to a peer's port."""
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if is_ipv6(host):
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.connect(endpoint(host, port))
+        return sock
 
     def _dealer(self, host: str, port: int) -> zmq.asyncio.Socket:
         """A cached DEALER per peer path, like 0.32's ``self.paths``."""
         path = endpoint(host, port)
         sock = self._dealers.get(path)
         if sock is None:
-            sock = self.context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            if is_ipv6(host):
-                sock.setsockopt(zmq.IPV6, 1)
-            sock.connect(path)
-            self._dealers[path] = sock
+            sock = self._dealers[path] = self._connect(host, port)
         return sock
 
     async def send_oneway(self, host: str, port: int, payload: dict[str, Any]) -> None:
@@ -211,14 +285,34 @@ class Transport:
         except zmq.ZMQError as e:
             logger.error("%s failed to send %s to %s:%s: %s", self._tag, payload, host, port, e)
 
+    async def call(self, host: str, port: int, payload: dict[str, Any]) -> Any:
+        """Send a message that expects an answer over the peer path's long-lived DEALER.
+
+        Returns the decoded answer, or None when nobody answered within transfer_timeout
+        (or the answer was not msgpack).
+        """
+        if self._ctx is None:
+            return None
+        path = endpoint(host, port)
+        caller = self._callers.get(path)
+        if caller is None:
+            try:
+                caller = self._callers[path] = _Caller(self._connect(host, port))
+            except zmq.ZMQError:
+                return None
+        reply = await caller.call([pack(payload)], self._config.transfer_timeout)
+        return unpack(reply[-1]) if reply else None
+
     async def request(self, host: str, port: int, frames: list[bytes]) -> list[bytes] | None:
-        """Request/reply on a fresh DEALER; None after transfer_timeout (nobody answered)."""
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if is_ipv6(host):
-            sock.setsockopt(zmq.IPV6, 1)
+        """Request/reply on a fresh DEALER; None after transfer_timeout (nobody answered).
+
+        For the handshake only (once per peer): its answer carries no correlation key.
+        """
         try:
-            sock.connect(endpoint(host, port))
+            sock = self._connect(host, port)
+        except zmq.ZMQError:
+            return None
+        try:
             await sock.send_multipart(frames)
             reply: list[bytes] = await asyncio.wait_for(
                 sock.recv_multipart(), self._config.transfer_timeout

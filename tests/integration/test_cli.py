@@ -41,6 +41,8 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         (["serve", "--prefill-policy", "fastest"], "--prefill-policy"),
         (["serve", "--config", "/nonexistent/moriio.yaml"], "--config"),
         (["sim", "--role", "X"], "--role"),
+        (["sim", "--role", "P", "--block-size", "0"], "block_size"),
+        (["sim", "--role", "P", "--prefill-token-latency", "-1"], "prefill_token_latency"),
         (["serve", "--no-such-flag"], "--no-such-flag"),
     ],
 )

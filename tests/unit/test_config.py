@@ -89,8 +89,8 @@ def test_values_are_parsed_to_their_types():
 def test_affinity_policies_and_their_settings_from_a_file_and_flags(tmp_path):
     path = write_yaml(
         tmp_path,
-        "prefill_policy: cache_aware\n"
-        "decode_policy: Session\n"
+        "prefill_policy: session\n"
+        "decode_policy: Cache_Aware\n"
         "balance_abs_threshold: 16\n"
         "balance_rel_threshold: 2\n"
         "cache_block_chars: 64\n"
@@ -98,15 +98,15 @@ def test_affinity_policies_and_their_settings_from_a_file_and_flags(tmp_path):
         "session_header: X-Conversation-Id\n",
     )
     config = load_config({"cache_max_blocks": "5000"}, env={}, config_file=path)
-    assert config.prefill_policy == "cache_aware"
-    assert config.decode_policy == "session"
+    assert config.prefill_policy == "session"
+    assert config.decode_policy == "cache_aware"
     assert config.balance_abs_threshold == 16
     assert config.balance_rel_threshold == 2.0
     assert config.cache_block_chars == 64
     assert config.cache_max_blocks == 5000  # the flag wins over the file
     assert config.session_header == "X-Conversation-Id"
     defaults = load_config({}, env={})
-    assert (defaults.prefill_policy, defaults.decode_policy) == ("least_loaded", "least_loaded")
+    assert (defaults.prefill_policy, defaults.decode_policy) == ("cache_aware", "least_loaded")
     assert defaults.session_header == "X-Session-ID"
 
 

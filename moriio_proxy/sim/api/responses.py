@@ -33,6 +33,25 @@ def usage(spec: ResponseSpec, completion_tokens: int) -> dict[str, Any]:
     }
 
 
+def prompt_tokens_details(ex: Exchange, *, stream: bool) -> dict[str, Any] | None:
+    """usage.prompt_tokens_details: prefix-cache hits, with --enable-prompt-tokens-details.
+
+    0.32 takes the count from the first output of a stream and from the last prompt's
+    result otherwise; chat also reports the tokens newly cached. A JSON answer dumps every
+    field (None included), a stream's usage chunk drops None fields.
+    """
+    if not ex.engine.config.enable_prompt_tokens_details:
+        return None
+    req = ex.choices[0] if stream or ex.spec.chat else ex.choices[-1]
+    created = req.created_cache_tokens if ex.spec.chat else None
+    details: dict[str, Any] = {"cached_tokens": req.cached_tokens}
+    if not stream:
+        return dict(details, created_cache_tokens=created, multimodal_tokens=None)
+    if created is not None:
+        details["created_cache_tokens"] = created
+    return details
+
+
 def _json_choice(spec: ResponseSpec, index: int, text: str, final: TokenEvent) -> dict[str, Any]:
     if spec.chat:
         return {
@@ -81,7 +100,10 @@ async def respond_json(ex: Exchange) -> web.Response:
         "created": spec.created,
         "model": spec.model,
         "choices": choices,
-        "usage": dict(usage(spec, sum(tokens.values())), prompt_tokens_details=None),
+        "usage": dict(
+            usage(spec, sum(tokens.values())),
+            prompt_tokens_details=prompt_tokens_details(ex, stream=False),
+        ),
         # 0.32 completion/serving.py: final_res_batch[0].kv_transfer_params
         "kv_transfer_params": finals[ex.choices[0].index].kv_params,
     }
@@ -199,7 +221,11 @@ async def respond_stream(ex: Exchange) -> web.StreamResponse:
                 done.add(ev.index)
             await ex.checkpoint()
         if spec.include_usage:
-            await sse.send(dict(sse.chunk([]), usage=usage(spec, sum(tokens.values()))))
+            final_usage = usage(spec, sum(tokens.values()))
+            details = prompt_tokens_details(ex, stream=True)
+            if details is not None:
+                final_usage["prompt_tokens_details"] = details
+            await sse.send(dict(sse.chunk([]), usage=final_usage))
         await sse.send("[DONE]")
         await resp.write_eof()
     except (ConnectionError, RuntimeError) as e:

@@ -25,6 +25,7 @@ from ..model import kv_fingerprint
 from ..settings import SimConfig, SimStats
 from ..transport import NotifyListenerDied, Transport
 from .memory import BlockAllocator, DpRank, Registration
+from .prefix_cache import PrefixCache
 from .read import ReadTransfers
 from .request import ENGINE_DEAD, EngineRequest, OutputQueue, StreamSignal
 from .runner import ModelRunner
@@ -56,11 +57,23 @@ class EngineCore:
         self._requests: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._rr = 0
-        self.runner = ModelRunner(config, stats, tag)
         blocks = BlockAllocator(config.block_size)
-        self.ranks = [DpRank(r, blocks, tag) for r in range(config.dp_size)]
+        self.ranks = [
+            DpRank(r, blocks, tag, self._prefix_cache(config)) for r in range(config.dp_size)
+        ]
+        self.runner = ModelRunner(config, stats, tag, self.ranks)
         self.reads = ReadTransfers(self.runner, transport, self.spawn)
         self.writes = WriteTransfers(self.runner, transport, self.ranks, self.spawn)
+
+    @staticmethod
+    def _prefix_cache(config: SimConfig) -> PrefixCache | None:
+        if not config.enable_prefix_caching:
+            return None
+        return PrefixCache(config.block_size, config.num_gpu_blocks)
+
+    def cached_blocks(self) -> list[int]:
+        """Blocks in each DP rank's prefix cache."""
+        return [len(st.cache) if st.cache is not None else 0 for st in self.ranks]
 
     def held_transfers(self) -> int:
         """KV registrations P still holds (blocks not yet read/written/released/reaped)."""
@@ -202,9 +215,14 @@ class EngineCore:
                     return None
                 if st.holds(reg):
                     st.free_later(reg, self.config.defer_timeout, self._reaped(st))
-                return prefill_answer(
+                params = prefill_answer(
                     self._transport.advertised, req.rank, reg.block_ids, kv["transfer_id"]
                 )
+                if plan.n_tokens == 1:
+                    # 0.32's scheduler: a request finishing on its first output tells D
+                    # its cache hits, which D reports instead of its own (all external).
+                    params["remote_prefill_cached_tokens"] = req.cached_tokens
+                return params
 
             await self.runner.emit(req, plan, queue, on_finish)
         finally:

@@ -2,8 +2,9 @@
 bookkeeping of the WRITE path (pending writes, announced decode blocks, finished ids).
 
 A KV read addresses block ids in ONE rank's memory, so every DP rank keeps its own; a
-transfer that lands on the wrong rank finds nothing there, as on hardware. The per-rank
-prefix cache of a later model belongs here too.
+transfer that lands on the wrong rank finds nothing there, as on hardware. Each rank has
+its own prefix cache and its own compute schedule too: a prompt computed on rank 0 is no
+hit on rank 1.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..connector import WriteDestination
+from .prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class DpRank:
     rank: int
     blocks: BlockAllocator
     tag: str = ""  # the instance's log prefix
+    cache: PrefixCache | None = None  # None: prefix caching disabled
+    compute_free_at: float = 0.0  # loop time at which the rank's queued prompts are computed
     registrations: dict[Any, Registration] = field(default_factory=dict)
     write_tasks: dict[Any, WriteTask] = field(default_factory=dict)
     remote_alloc: dict[Any, RemoteAlloc] = field(default_factory=dict)

@@ -19,7 +19,7 @@ from ..connector import (
     release_message,
 )
 from ..model import kv_fingerprint
-from ..transport import Transport, pack, unpack
+from ..transport import Transport
 from .memory import DpRank
 from .request import EngineRequest, OutputQueue
 from .runner import ModelRunner, Spawn
@@ -84,16 +84,15 @@ class ReadTransfers:
         if not await self._transport.handshake(host, source.handshake_port):
             return None, f"no handshake with {host}:{source.handshake_port}"
         port = source.notify_port
-        reply = await self._transport.request(host, port, [pack(read_message(source))])
-        if reply is None:
+        data = await self._transport.call(host, port, read_message(source))
+        if data is None:
             return None, (
                 f"KV read from {host}:{port} timed out after "
                 f"{self._runner.config.transfer_timeout:.1f}s"
             )
-        data = unpack(reply[-1])
         if isinstance(data, dict) and data.get("ok") and isinstance(data.get("fingerprint"), str):
             return data["fingerprint"], ""
-        err = data.get("error") if isinstance(data, dict) else repr(reply)
+        err = data.get("error") if isinstance(data, dict) else repr(data)
         return None, f"KV read from {host}:{port} failed: {err}"
 
     async def _release(self, source: ReadSource) -> None:

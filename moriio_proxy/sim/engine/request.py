@@ -58,6 +58,10 @@ class EngineRequest:
     stopping: Stopping
     kv: dict[str, Any] | None  # this request's own copy of kv_transfer_params
     rec: LegRecord  # the HTTP request it belongs to
+    # Set once the prompt is accounted (ModelRunner.account_prompt): vLLM's
+    # num_cached_tokens and num_cache_creation_tokens of this request.
+    cached_tokens: int = 0
+    created_cache_tokens: int = 0
 
     @property
     def text(self) -> str:

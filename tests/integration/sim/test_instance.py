@@ -35,7 +35,8 @@ async def test_run_sim_returns_1_when_the_engine_dies(
 
     await eventually(started, what="the simulator's announcement")
     announced = parse_sim_started("".join(printed))
-    assert announced is not None and (announced.role, announced.mode) == ("D", "WRITE")
+    assert announced is not None
+    assert (announced.role, announced.mode, announced.vllm_version) == ("D", "WRITE", "0.33")
     url = announced.url
     async with http.post(
         url + "/v1/completions",
