@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
-import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import run_info  # noqa: E402
 from bench.overhead import profile as pyspy  # noqa: E402
 from bench.overhead import vllm_router  # noqa: E402
 from bench.overhead.cells import Cell, Measurement, Settings, run_cell, summarize  # noqa: E402
@@ -152,37 +150,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip()
-
-
 def describe_run(args: argparse.Namespace, router: vllm_router.Located) -> dict[str, Any]:
-    from moriio_proxy import __version__
-
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown commit"
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    cpu_model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu_model = line.split(":", 1)[1].strip()
-            break
-    libs = ", ".join(
-        f"{name} {importlib.metadata.version(name)}" for name in ("hypercorn", "quart", "aiohttp")
-    )
-    load = os.getloadavg()
     return {
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {cpu_model}, {os.cpu_count()} cores, "
-        f"load average {load[0]:.2f} at start",
-        "moriio_proxy": f"{__version__} at {commit}"
-        + (" (uncommitted changes)" if dirty else "")
-        + f" ({libs})",
+        "when": run_info.when(),
+        "machine": run_info.machine(),
+        "moriio_proxy": run_info.moriio_proxy(),
         "vllm_router": (
             f"{vllm_router.version(router.binary)} ({router.how})" if router.binary else "not run"
         ),

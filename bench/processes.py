@@ -183,7 +183,8 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
-def _children() -> dict[int, list[int]]:
+def children_by_parent() -> dict[int, list[int]]:
+    """Every live process's children, keyed by parent pid."""
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -198,7 +199,7 @@ def tree_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
 
     Fields (after the command): [11] utime, [12] stime, [13] cutime, [14] cstime.
     """
-    children = _children()
+    children = children_by_parent()
     totals: dict[int, float] = {}
     for root in pids:
         ticks = 0

@@ -1,0 +1,300 @@
+"""The two phases: many idle streams held open, and many slow streams run to their end.
+
+Idle: the simulated D sends each stream's first token and then goes silent (a stall fault
+set at run time, after the warm-up). The cost of a stream the proxy merely holds is the
+proxy's memory with N such streams open minus its memory before, over N. Closing them
+must give the memory back and reach the simulator (its open requests fall to zero).
+
+Slow: the simulated D sends a token every ``token latency`` seconds; N streams are opened
+over a ramp and run to their end. From the moment the last stream got its first token
+to the moment the first stream ended, all N are open at once: the steady window, over
+which the proxy's memory must stay flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..overhead.loadgen import Prompt, prompts
+from . import probe
+from .client import StreamProtocol, StreamRecord, Tracker, open_stream
+from .deployment import Deployment
+from .sampling import (
+    LogWatch,
+    Sample,
+    cores,
+    sample,
+    settled_memory,
+    slope_per_minute,
+    wait_until,
+)
+
+PATH = "/v1/completions"
+STALL_FOREVER = {"stall_after_tokens": [1, "inf"]}
+
+
+@dataclass(frozen=True)
+class Load:
+    """How many streams, how fast they start, what each asks for."""
+
+    streams: int
+    ramp_seconds: float
+    max_tokens: int
+
+
+async def open_ramp(
+    deployment: Deployment, load: Load, tracker: Tracker, first_index: int = 0
+) -> list[StreamProtocol]:
+    """Open ``load.streams`` streams evenly over the ramp; returns their protocols (the
+    ones that connected) once the last has been started."""
+    pool = prompts(load.max_tokens, stream=True)
+    host, port = "127.0.0.1", deployment.proxy.http_port
+    interval = load.ramp_seconds / max(load.streams, 1)
+    start = time.monotonic()
+    tasks = []
+    for i in range(load.streams):
+        delay = start + i * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        record = StreamRecord(first_index + i, _prompt(pool, first_index + i))
+        tasks.append(asyncio.ensure_future(open_stream(host, port, PATH, record, tracker)))
+    opened = await asyncio.gather(*tasks)
+    return [p for p in opened if p is not None]
+
+
+def _prompt(pool: Sequence[Prompt], index: int) -> Prompt:
+    return pool[index % len(pool)]
+
+
+async def warm_up(
+    deployment: Deployment, requests: int, max_tokens: int, timeout: float
+) -> dict[str, Any]:
+    """``requests`` ordinary streams, 50 at a time, so that lazy imports, pools and
+    caches are paid for before the baseline is read."""
+    tracker = Tracker()
+    batch = 50
+    started = time.monotonic()
+    for first in range(0, requests, batch):
+        load = Load(min(batch, requests - first), 0.0, max_tokens)
+        await open_ramp(deployment, load, tracker, first)
+        await wait_until(lambda: tracker.finished >= tracker.opened, timeout)
+    errors, samples = tracker.errors()
+    return {
+        "requests": requests,
+        "max_tokens": max_tokens,
+        "seconds": round(time.monotonic() - started, 1),
+        "errors": dict(errors),
+        "error_samples": samples,
+    }
+
+
+# ------------------------------------------------------------------------------- idle
+
+
+async def idle_phase(
+    deployment: Deployment, load: Load, rounds: int, hold: float, warmup: int
+) -> dict[str, Any]:
+    """Open ``load.streams`` streams that go silent after their first token, read the
+    proxy's memory and sockets, close them all, read it again; ``rounds`` times."""
+    watch = LogWatch(deployment.proxy.log)
+    out: dict[str, Any] = {"warmup": await warm_up(deployment, warmup, 16, timeout=120)}
+    out["baseline"] = await settled_memory(deployment)
+    deployment.set_faults(deployment.decodes, STALL_FOREVER)
+    out["rounds"] = []
+    try:
+        for r in range(rounds):
+            out["rounds"].append(await _idle_round(deployment, load, hold, r * load.streams))
+    finally:
+        deployment.set_faults(deployment.decodes, {})
+    count, lines = watch.problems()
+    out["proxy_log_problems"] = {"count": count, "first": lines}
+    return out
+
+
+async def _idle_round(
+    deployment: Deployment, load: Load, hold: float, first_index: int
+) -> dict[str, Any]:
+    tracker = Tracker()
+    before = await settled_memory(deployment)
+    started = time.monotonic()
+    protocols = await open_ramp(deployment, load, tracker, first_index)
+    n = load.streams
+    all_first = await wait_until(lambda: tracker.first_events + tracker.finished >= n, 120)
+    opened_in = time.monotonic() - started
+    await asyncio.sleep(1.0)
+    held = [await settled_memory(deployment)]
+    await asyncio.sleep(max(0.0, hold - 2.0))  # the idle streams sit there...
+    held.append(await settled_memory(deployment))  # ...and cost no more after a while
+    sockets = [s.as_dict() for s in deployment.sockets()]
+    d_open = deployment.in_flight(deployment.decodes)
+    held_for = time.monotonic() - started
+    for protocol in protocols:
+        protocol.close()
+    closed = time.monotonic()
+    released = await wait_until(lambda: _released(deployment), 60, every=0.5)
+    released_in = time.monotonic() - closed
+    await asyncio.sleep(2.0)
+    after = await settled_memory(deployment)
+    errors, samples = tracker.errors(closed_ok=True)
+    peak = max(held, key=lambda m: m["rss_mb"])
+    return {
+        "streams": n,
+        "first_event": tracker.first_events,
+        "all_first_event": all_first,
+        "opened_seconds": round(opened_in, 1),
+        "held_seconds": round(held_for, 1),
+        "before": before,
+        "held": held,
+        "after": after,
+        "rss_delta_mb": round(peak["rss_mb"] - before["rss_mb"], 2),
+        "anon_delta_mb": round(peak["anon_mb"] - before["anon_mb"], 2),
+        "mb_per_1000": round((peak["rss_mb"] - before["rss_mb"]) * 1000 / n, 2),
+        "after_minus_before_mb": round(after["rss_mb"] - before["rss_mb"], 2),
+        "sockets": sockets,
+        "d_in_flight_held": d_open,
+        "released": released,
+        "released_seconds": round(released_in, 1),
+        "sockets_after": [s.as_dict() for s in deployment.sockets()],
+        "d_in_flight_after": deployment.in_flight(deployment.decodes),
+        "errors": dict(errors),
+        "error_samples": samples,
+    }
+
+
+def _released(deployment: Deployment) -> bool:
+    """No client or upstream connection left in the proxy, no request left in any D."""
+    held = sum(s.clients + s.upstream_d for s in deployment.sockets())
+    return held == 0 and deployment.in_flight(deployment.decodes) == 0
+
+
+# ------------------------------------------------------------------------------- slow
+
+
+async def slow_phase(
+    deployment: Deployment, load: Load, token_latency: float, every: float, warmup: int
+) -> dict[str, Any]:
+    """Open ``load.streams`` slow streams over the ramp, sample every ``every`` seconds
+    until all have ended, and judge every stream."""
+    watch = LogWatch(deployment.proxy.log)
+    out: dict[str, Any] = {"warmup": await warm_up(deployment, warmup, 2, timeout=120)}
+    out["baseline"] = await settled_memory(deployment)
+    out["roles"] = deployment.roles()
+    tracker = Tracker()
+    n = load.streams
+    opener = asyncio.ensure_future(open_ramp(deployment, load, tracker))
+    samples: list[Sample] = [sample(deployment, tracker)]
+    peak_sockets: dict[str, Any] | None = None
+    limit = load.ramp_seconds + load.max_tokens * token_latency * 3 + 120
+    deadline = samples[0].t + limit
+    while tracker.finished < n and time.monotonic() < deadline:
+        await asyncio.sleep(max(0.0, samples[-1].t + every - time.monotonic()))
+        samples.append(sample(deployment, tracker))
+        if peak_sockets is None and opener.done() and tracker.first_events >= n - tracker.finished:
+            peak_sockets = _sockets_now(deployment, tracker)
+        if deployment.dead():
+            break
+    protocols = opener.result() if opener.done() else []
+    opener.cancel()
+    unfinished = n - tracker.finished
+    for protocol in protocols:
+        protocol.close()  # only streams still open past the deadline: counted as errors
+    await wait_until(lambda: _released(deployment), 60, every=0.5)
+    await asyncio.sleep(2.0)
+    out["after"] = await settled_memory(deployment)
+    errors, error_samples = tracker.errors()
+    count, lines = watch.problems()
+    out.update(
+        streams=n,
+        ramp_seconds=load.ramp_seconds,
+        max_tokens=load.max_tokens,
+        token_latency=token_latency,
+        sample_every=every,
+        unfinished=unfinished,
+        errors=dict(errors),
+        error_samples=error_samples,
+        tokens_received=tracker.events,
+        tokens_expected=n * load.max_tokens,
+        gap_p50=tracker.gap_quantile(0.5),
+        gap_p99=tracker.gap_quantile(0.99),
+        gap_max=round(tracker.max_gap, 3),
+        peak_sockets=peak_sockets,
+        proxy_log_problems={"count": count, "first": lines},
+        dead=deployment.dead(),
+    )
+    out.update(_steady(tracker, samples))
+    return out
+
+
+def _sockets_now(deployment: Deployment, tracker: Tracker) -> dict[str, Any]:
+    """Every proxy process's descriptors and sockets, and each D's, with all streams open."""
+    d_fds = {}
+    for sim in deployment.decodes:
+        (row,) = _sim_sockets(sim.proc.pid, Deployment.port(sim))
+        d_fds[sim.url] = row
+    return {
+        "open_streams": tracker.open_streams(),
+        "proxy": [s.as_dict() for s in deployment.sockets()],
+        "decodes": d_fds,
+    }
+
+
+def _sim_sockets(pid: int, port: int) -> list[dict[str, int]]:
+    """A simulator's descriptors; its "clients" are the proxy's upstream connections."""
+    return [s.as_dict() for s in probe.sockets([pid], port, (), ())]
+
+
+def _steady(tracker: Tracker, samples: list[Sample]) -> dict[str, Any]:
+    """The steady window (every stream open) and what the samples say about it."""
+    records = [r for r in tracker.records if r.events]
+    t0 = samples[0].t
+    timeline = []
+    for a, b in itertools.pairwise(samples):
+        timeline.append(
+            {
+                "t": round(b.t - t0, 1),
+                "opened": b.opened,
+                "open_streams": b.open_streams,
+                "first_events": b.first_events,
+                "events_per_s": round((b.events - a.events) / (b.t - a.t), 1),
+                "rss_mb": round(b.rss_total, 2),
+                "anon_mb": round(b.anon_total, 2),
+                "rss_by_pid": {str(pid): round(v, 2) for pid, v in b.rss.items()},
+                "cores": cores(a, b),
+            }
+        )
+    out: dict[str, Any] = {"timeline": timeline, "steady": None}
+    if not records or len(records) < len(tracker.records):
+        return out  # a stream never started: there was no moment with all of them open
+    all_open = max(r.first_event for r in records)
+    first_end = min(r.last_event for r in records)
+    window = [s for s in samples if all_open <= s.t <= first_end]
+    if len(window) < 2:
+        return out
+    rss = [(s.t, s.rss_total) for s in window]
+    anon = [(s.t, s.anon_total) for s in window]
+    values = [v for _, v in rss]
+    out["steady"] = {
+        "from_s": round(all_open - t0, 1),
+        "to_s": round(first_end - t0, 1),
+        "samples": len(window),
+        "rss_first_mb": round(values[0], 2),
+        "rss_last_mb": round(values[-1], 2),
+        "rss_min_mb": round(min(values), 2),
+        "rss_max_mb": round(max(values), 2),
+        "rss_slope_mb_per_min": _round(slope_per_minute(rss)),
+        "anon_slope_mb_per_min": _round(slope_per_minute(anon)),
+        "cores": cores(window[0], window[-1]),
+        "events_per_s": round(
+            (window[-1].events - window[0].events) / (window[-1].t - window[0].t), 1
+        ),
+    }
+    return out
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
