@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     idle.add_argument("--idle-hold", type=float, default=10.0, help="seconds held open")
     idle.add_argument("--idle-workers", type=int, default=1, help="proxy --workers")
     idle.add_argument("--idle-decodes", type=int, default=1, help="simulated D")
+    idle.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="run the idle proxy under tracemalloc and report where its memory went "
+        "(its RSS is then not a figure of record)",
+    )
     slow = parser.add_argument_group("slow phase")
     slow.add_argument("--slow-streams", type=int, default=10000)
     slow.add_argument("--slow-ramp", type=float, default=30.0, help="seconds to open them")
@@ -90,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.phase_list = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if args.tracemalloc and args.idle_workers != 1:
+        parser.error("--tracemalloc traces one process: use it with --idle-workers 1")
     for phase in args.phase_list:
         if phase not in ("idle", "slow"):
             parser.error(f"--phases: unknown phase {phase!r}")
@@ -113,6 +121,7 @@ async def run_phase(
     decodes: int,
     decode_args: list[str],
     body: Any,
+    launcher: tuple[str, ...] = ("-m", "moriio_proxy"),
 ) -> dict[str, Any]:
     """Start a deployment, run ``body(deployment)`` in it, stop it."""
     print(f"{name}: starting the proxy ({' '.join(proxy_args)}) and simulators ...", flush=True)
@@ -124,6 +133,7 @@ async def run_phase(
         prefills=1,
         decodes=decodes,
         decode_args=decode_args,
+        launcher=launcher,
     )
     try:
         result: dict[str, Any] = await body(dep)
@@ -143,12 +153,17 @@ async def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if "idle" in args.phase_list:
         load = Load(args.idle_streams, args.idle_ramp, 16)
         proxy_args = ["--workers", str(args.idle_workers), *args.proxy_arg]
+        snapshots = out / "tracemalloc" if args.tracemalloc else None
+        launcher: tuple[str, ...] = ("-m", "moriio_proxy")
+        if snapshots is not None:
+            snapshots.mkdir(exist_ok=True)
+            launcher = ("-m", "bench.streams.traced", str(snapshots))
 
         def idle(dep: deployment.Deployment) -> Coroutine[Any, Any, dict[str, Any]]:
-            return idle_phase(dep, load, args.idle_rounds, args.idle_hold, args.warmup)
+            return idle_phase(dep, load, args.idle_rounds, args.idle_hold, args.warmup, snapshots)
 
         report["idle"] = await run_phase(
-            "idle", logs, args, proxy_args, args.idle_decodes, [], idle
+            "idle", logs, args, proxy_args, args.idle_decodes, [], idle, launcher
         )
     if "slow" in args.phase_list:
         load = Load(args.slow_streams, args.slow_ramp, args.slow_tokens)

@@ -108,15 +108,21 @@ class ProxyProcess:
         return f"127.0.0.1:{self.discovery_port}"
 
 
-def start_proxy(log: Path, extra: Sequence[str] = (), timeout: float = 30.0) -> ProxyProcess:
+def start_proxy(
+    log: Path,
+    extra: Sequence[str] = (),
+    timeout: float = 30.0,
+    launcher: Sequence[str] = ("-m", "moriio_proxy"),
+) -> ProxyProcess:
     """``moriio-proxy serve`` on ports it binds itself, read back from its startup log.
 
     It must log at info level or above for those two lines; no per-request line is logged
-    at info, so this is also the level the proxy runs at by default.
+    at info, so this is also the level the proxy runs at by default. ``launcher``: the
+    interpreter's arguments before ``serve`` (a wrapper module that instruments the proxy).
     """
     log = fresh_log(log)
     args = [
-        sys.executable, "-m", "moriio_proxy", "serve", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, *launcher, "serve", "--host", "127.0.0.1", "--port", "0",
         "--discovery-host", "127.0.0.1", "--discovery-port", "0", *extra,
     ]  # fmt: skip
     proc = spawn(args, log)

@@ -117,9 +117,10 @@ def start(
     prefills: int,
     decodes: int,
     decode_args: Sequence[str] = (),
+    launcher: Sequence[str] = ("-m", "moriio_proxy"),
 ) -> Deployment:
     """The proxy, then its simulators; returns once every worker can route to all of them."""
-    proxy = start_proxy(logs / f"{name}-proxy.log", proxy_args)
+    proxy = start_proxy(logs / f"{name}-proxy.log", proxy_args, launcher=launcher)
     sims: list[SimProcess] = []
     try:
         for role, count, extra in (("P", prefills, ()), ("D", decodes, decode_args)):

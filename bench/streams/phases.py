@@ -18,10 +18,11 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..overhead.loadgen import Prompt, prompts
-from . import probe
+from . import memtrace, probe
 from .client import StreamProtocol, StreamRecord, Tracker, open_stream
 from .deployment import Deployment
 from .sampling import (
@@ -97,27 +98,42 @@ async def warm_up(
 
 
 async def idle_phase(
-    deployment: Deployment, load: Load, rounds: int, hold: float, warmup: int
+    deployment: Deployment,
+    load: Load,
+    rounds: int,
+    hold: float,
+    warmup: int,
+    snapshots: Path | None = None,
 ) -> dict[str, Any]:
     """Open ``load.streams`` streams that go silent after their first token, read the
-    proxy's memory and sockets, close them all, read it again; ``rounds`` times."""
+    proxy's memory and sockets, close them all, read it again; ``rounds`` times.
+
+    ``snapshots``: the proxy runs under ``bench.streams.traced``; tracemalloc snapshots
+    (written there) before and during the first round say where the memory went.
+    """
     watch = LogWatch(deployment.proxy.log)
     out: dict[str, Any] = {"warmup": await warm_up(deployment, warmup, 16, timeout=120)}
     out["baseline"] = await settled_memory(deployment)
+    pid = deployment.proxy.proc.pid
+    before = memtrace.take(pid, snapshots, 1) if snapshots else None
     deployment.set_faults(deployment.decodes, STALL_FOREVER)
     out["rounds"] = []
     try:
         for r in range(rounds):
-            out["rounds"].append(await _idle_round(deployment, load, hold, r * load.streams))
+            trace = snapshots if r == 0 else None
+            out["rounds"].append(await _idle_round(deployment, load, hold, r * load.streams, trace))
     finally:
         deployment.set_faults(deployment.decodes, {})
+    if snapshots and before:
+        held, after = snapshots / "2.tracemalloc", snapshots / "3.tracemalloc"
+        out["tracemalloc"] = memtrace.attribute(before, held, after, load.streams)
     count, lines = watch.problems()
     out["proxy_log_problems"] = {"count": count, "first": lines}
     return out
 
 
 async def _idle_round(
-    deployment: Deployment, load: Load, hold: float, first_index: int
+    deployment: Deployment, load: Load, hold: float, first_index: int, snapshots: Path | None
 ) -> dict[str, Any]:
     tracker = Tracker()
     before = await settled_memory(deployment)
@@ -130,6 +146,8 @@ async def _idle_round(
     held = [await settled_memory(deployment)]
     await asyncio.sleep(max(0.0, hold - 2.0))  # the idle streams sit there...
     held.append(await settled_memory(deployment))  # ...and cost no more after a while
+    if snapshots:
+        memtrace.take(deployment.proxy.proc.pid, snapshots, 2)
     sockets = [s.as_dict() for s in deployment.sockets()]
     d_open = deployment.in_flight(deployment.decodes)
     held_for = time.monotonic() - started
@@ -140,6 +158,8 @@ async def _idle_round(
     released_in = time.monotonic() - closed
     await asyncio.sleep(2.0)
     after = await settled_memory(deployment)
+    if snapshots:
+        memtrace.take(deployment.proxy.proc.pid, snapshots, 3)
     errors, samples = tracker.errors(closed_ok=True)
     peak = max(held, key=lambda m: m["rss_mb"])
     return {

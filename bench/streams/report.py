@@ -109,7 +109,33 @@ def idle_section(idle: dict[str, Any]) -> list[str]:
         )
     lines.append("")
     lines += _problems(idle, [s for r in rounds for s in r["error_samples"]])
+    if idle.get("tracemalloc"):
+        lines += _tracemalloc(idle["tracemalloc"])
     return lines
+
+
+def _tracemalloc(trace: dict[str, Any]) -> list[str]:
+    """Where a held stream's Python allocations are (a traced run)."""
+    packages = ", ".join(f"{name} {size:,}" for name, size in trace["by_package"].items())
+    lines = [
+        "### Where a held stream's memory is (tracemalloc)",
+        "",
+        "This run's proxy ran under tracemalloc (`--tracemalloc`), which costs memory and "
+        "time of its own: its RSS above is not a figure of record. Python allocations "
+        f"alive while the streams were held, beyond the baseline: "
+        f"**{trace['traced_bytes_per_stream']:,} bytes per stream**; still alive once all "
+        f"were closed: {trace['traced_bytes_per_stream_after_close']:,} bytes per stream. "
+        f"By the package that allocated (bytes per stream): {packages}.",
+        "",
+        "| allocated at | on behalf of the proxy's | bytes per stream | blocks per stream |",
+        "|---|---|---|---|",
+    ]
+    for row in trace["top"]:
+        lines.append(
+            f"| `{row['site']}` | `{row['proxy_frame']}` | {row['bytes_per_stream']:,} "
+            f"| {row['blocks_per_stream']:.2f} |"
+        )
+    return [*lines, ""]
 
 
 def _problems(phase: dict[str, Any], samples: list[str]) -> list[str]:
