@@ -67,11 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     slow = parser.add_argument_group("slow phase")
     slow.add_argument("--slow-streams", type=int, default=10000)
-    slow.add_argument("--slow-ramp", type=float, default=30.0, help="seconds to open them")
+    slow.add_argument("--slow-ramp", type=float, default=40.0, help="seconds to open them")
     slow.add_argument(
         "--slow-tokens",
         type=int,
-        default=90,
+        default=100,
         help="max_tokens of each (tokens beyond the ramp make the steady window)",
     )
     slow.add_argument("--token-latency", type=float, default=1.0, help="D's seconds per token")

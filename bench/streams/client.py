@@ -28,7 +28,8 @@ from ..overhead.loadgen import Prompt
 
 GAP_BUCKET = 0.05  # seconds per bucket of the inter-event gap histogram
 _GAP_BUCKETS = 1200  # up to 60 s; longer gaps land in the last bucket
-_ERROR_SAMPLES = 8
+_ERROR_SAMPLES = 12
+_SAMPLES_PER_LABEL = 3
 
 
 @dataclass(slots=True)
@@ -100,7 +101,7 @@ class Tracker:
         """Error labels over every record and a few samples; ``closed_ok``: a stream the
         client closed itself (the idle phase) counts as right if nothing failed before."""
         counts: Counter[str] = Counter()
-        samples: list[str] = []
+        samples: list[str] = []  # the first few of each kind
         for record in self.records:
             if closed_ok and record.closed_by_us and record.error is None:
                 label = None if record.status == 200 and record.events else "no_first_event"
@@ -108,7 +109,7 @@ class Tracker:
                 label = record.verdict()
             if label is not None:
                 counts[label] += 1
-                if len(samples) < _ERROR_SAMPLES:
+                if counts[label] <= _SAMPLES_PER_LABEL and len(samples) < _ERROR_SAMPLES:
                     samples.append(f"stream {record.index}: {label} {record.detail[:200]}".strip())
         return counts, samples
 
@@ -169,7 +170,10 @@ class StreamProtocol(asyncio.Protocol):
         if not self._over:
             if not record.closed_by_us and record.error is None and not record.ended:
                 record.error = "truncated"
-                record.detail = f"connection lost: {exc!r}" if exc else "connection closed"
+                after = f"{time.monotonic() - record.sent:.1f} s after connecting"
+                how = f"connection lost: {exc!r}" if exc else "connection closed"
+                got = f"status {record.status}, {record.events} tokens" if record.status else ""
+                record.detail = f"{how} {after} {got}".strip()
             self._end()
 
     # ----------------------------------------------------------------- parsing
@@ -275,13 +279,14 @@ async def open_stream(
     request = encode_request(host, port, path, body)
     tracker.records.append(record)
     loop = asyncio.get_running_loop()
+    started = time.monotonic()
     try:
         _, protocol = await loop.create_connection(
             lambda: StreamProtocol(record, request, tracker), host, port
         )
     except OSError as exc:
         record.error = "connect"
-        record.detail = str(exc)
+        record.detail = f"{exc!r} after {time.monotonic() - started:.1f} s"
         tracker.finished += 1
         tracker.opened += 1  # counted as opened and over, so open_streams() stays right
         return None

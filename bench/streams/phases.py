@@ -27,6 +27,7 @@ from .client import StreamProtocol, StreamRecord, Tracker, open_stream
 from .deployment import Deployment
 from .sampling import (
     LogWatch,
+    Neighbours,
     Sample,
     cores,
     sample,
@@ -137,6 +138,7 @@ async def _idle_round(
 ) -> dict[str, Any]:
     tracker = Tracker()
     before = await settled_memory(deployment)
+    neighbours = Neighbours(deployment)
     started = time.monotonic()
     protocols = await open_ramp(deployment, load, tracker, first_index)
     n = load.streams
@@ -151,6 +153,7 @@ async def _idle_round(
     sockets = [s.as_dict() for s in deployment.sockets()]
     d_open = deployment.in_flight(deployment.decodes)
     held_for = time.monotonic() - started
+    machine = neighbours.report()
     for protocol in protocols:
         protocol.close()
     closed = time.monotonic()
@@ -183,6 +186,7 @@ async def _idle_round(
         "d_in_flight_after": deployment.in_flight(deployment.decodes),
         "errors": dict(errors),
         "error_samples": samples,
+        "machine": machine,
     }
 
 
@@ -206,6 +210,7 @@ async def slow_phase(
     out["roles"] = deployment.roles()
     tracker = Tracker()
     n = load.streams
+    neighbours = Neighbours(deployment)
     opener = asyncio.ensure_future(open_ramp(deployment, load, tracker))
     samples: list[Sample] = [sample(deployment, tracker)]
     peak_sockets: dict[str, Any] | None = None
@@ -218,6 +223,7 @@ async def slow_phase(
             peak_sockets = _sockets_now(deployment, tracker)
         if deployment.dead():
             break
+    out["machine"] = neighbours.report()
     protocols = opener.result() if opener.done() else []
     opener.cancel()
     unfinished = n - tracker.finished

@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..processes import children_by_parent
+from ..processes import CLOCK_TICKS, children_by_parent
 
 _TCP_LISTEN = "0A"
 
@@ -178,3 +178,46 @@ def sockets(
                 kinds["other"] += 1
         out.append(Sockets(pid, fds, kinds["client"], kinds["d"], kinds["p"], kinds["other"]))
     return out
+
+
+# ------------------------------------------------------------------ the machine around us
+
+TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPTimeouts", "TCPAbortOnData", "TCPSynRetrans")
+
+
+def tcp_counters() -> dict[str, int]:
+    """The network namespace's TCP counters that say connections were refused by a full
+    accept queue (ListenOverflows/ListenDrops), retransmitted or aborted; shared with every
+    other process in the namespace, so only a difference over a phase means anything."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return {name: int(table.get(name, 0)) for name in TCP_COUNTERS}
+    return {}
+
+
+def process_cpu() -> dict[int, float]:
+    """CPU seconds (utime+stime, own threads only) of every live process."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                raw = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = raw[raw.rindex(")") + 2 :].split()
+            out[int(entry)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return out
+
+
+def command(pid: int, width: int = 90) -> str:
+    """A process's command line, shortened (its name in brackets for a kernel thread)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if not raw:
+            return "[" + Path(f"/proc/{pid}/comm").read_text().strip() + "]"
+    except OSError:
+        return "(exited)"
+    text = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -108,6 +108,8 @@ def idle_section(idle: dict[str, Any]) -> list[str]:
             f"| {_errors(r['errors'])} |"
         )
     lines.append("")
+    for i, r in enumerate(rounds, 1):
+        lines += _machine(r.get("machine"), f"round {i}'s open and hold")
     lines += _problems(idle, [s for r in rounds for s in r["error_samples"]])
     if idle.get("tracemalloc"):
         lines += _tracemalloc(idle["tracemalloc"])
@@ -136,6 +138,26 @@ def _tracemalloc(trace: dict[str, Any]) -> list[str]:
             f"| {row['blocks_per_stream']:.2f} |"
         )
     return [*lines, ""]
+
+
+def _machine(machine: dict[str, Any] | None, what: str) -> list[str]:
+    """The TCP counters and the busiest processes this run did not start."""
+    if not machine:
+        return []
+    tcp = ", ".join(f"{name} {value:+,}" for name, value in machine["tcp"].items())
+    lines = [
+        f"Around {what} ({machine['seconds']:.0f} s): TCP counters of the network namespace "
+        f"(shared with other work on the machine): {tcp}.",
+        "",
+    ]
+    if machine["others_top"]:
+        lines += ["Busiest processes this run did not start:", ""]
+        lines += [
+            f"- {row['cores']:.2f} cores: pid {row['pid']} `{row['command']}`"
+            for row in machine["others_top"]
+        ]
+        lines.append("")
+    return lines
 
 
 def _problems(phase: dict[str, Any], samples: list[str]) -> list[str]:
@@ -201,6 +223,7 @@ def slow_section(slow: dict[str, Any]) -> list[str]:
         ]
     lines += _timeline(slow["timeline"], slow["roles"])
     lines += _descriptors(slow.get("peak_sockets"), slow["roles"])
+    lines += _machine(slow.get("machine"), "the streams")
     lines += _problems(slow, slow["error_samples"])
     return lines
 

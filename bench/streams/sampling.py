@@ -9,6 +9,7 @@ proxy (tens of thousands at the peak) and are taken once per phase, not per samp
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -148,6 +149,43 @@ class LogWatch:
             return 0, []
         found = [line for line in text.splitlines() if _LOG_PROBLEM.match(line)]
         return len(found), found[:limit]
+
+
+class Neighbours:
+    """What the rest of the machine did while a phase ran: the processes this run did
+    not start that used the most CPU, and the TCP counters of the network namespace (a
+    full accept queue drops connections without any process seeing it)."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self.started = time.monotonic()
+        self.cpu = probe.process_cpu()
+        self.tcp = probe.tcp_counters()
+
+    def _ours(self) -> set[int]:
+        dep = self.deployment
+        roots = [os.getpid(), dep.proxy.proc.pid] + [s.proc.pid for s in dep.sims]
+        return {pid for root in roots for pid in probe.tree(root)}
+
+    def report(self, top: int = 5) -> dict[str, Any]:
+        seconds = time.monotonic() - self.started
+        now = probe.process_cpu()
+        ours = self._ours()
+        used = {
+            pid: now[pid] - self.cpu.get(pid, 0.0)
+            for pid in now
+            if pid not in ours and now[pid] > self.cpu.get(pid, 0.0)
+        }
+        busiest = sorted(used, key=lambda pid: used[pid], reverse=True)[:top]
+        tcp = probe.tcp_counters()
+        return {
+            "seconds": round(seconds, 1),
+            "tcp": {name: tcp[name] - self.tcp.get(name, 0) for name in tcp},
+            "others_top": [
+                {"pid": pid, "cores": round(used[pid] / seconds, 3), "command": probe.command(pid)}
+                for pid in busiest
+            ],
+        }
 
 
 async def wait_until(check: Callable[[], bool], timeout: float, every: float = 0.2) -> bool:
