@@ -248,6 +248,7 @@ async def slow_phase(
         gap_p50=tracker.gap_quantile(0.5),
         gap_p99=tracker.gap_quantile(0.99),
         gap_max=round(tracker.max_gap, 3),
+        first_token=_quantiles([r.first_event - r.sent for r in tracker.records if r.events]),
         peak_sockets=peak_sockets,
         proxy_log_problems={"count": count, "first": lines},
         dead=deployment.dead(),
@@ -320,6 +321,15 @@ def _steady(tracker: Tracker, samples: list[Sample]) -> dict[str, Any]:
         ),
     }
     return out
+
+
+def _quantiles(values: list[float]) -> dict[str, float] | None:
+    """p50, p99 and max of ``values`` (seconds), None when there are none."""
+    if not values:
+        return None
+    values = sorted(values)
+    p50, p99 = (values[min(len(values) - 1, int(q * len(values)))] for q in (0.5, 0.99))
+    return {"p50": round(p50, 2), "p99": round(p99, 2), "max": round(values[-1], 2)}
 
 
 def _round(value: float | None) -> float | None:

@@ -187,10 +187,10 @@ def slow_section(slow: dict[str, Any]) -> list[str]:
         f"{slow['ramp_seconds']:g} s, each on its own connection, run to their end; the "
         f"proxy sampled every {slow['sample_every']:g} s.",
         "",
-        "| streams | errors | unfinished | tokens received / expected | gap between a "
-        "stream's tokens p50 / p99 / max s | all open from-to s | RSS first / last / min / "
-        "max MB | RSS slope MB/min | RSS after MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| streams | errors | unfinished | tokens received / expected | first token after "
+        "p50 / p99 / max s | gap between a stream's tokens p50 / p99 / max s | all streaming "
+        "from-to s | RSS first / last / min / max MB | RSS slope MB/min | RSS after MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     window = "-"
     rss = "-"
@@ -202,9 +202,12 @@ def slow_section(slow: dict[str, Any]) -> list[str]:
         )
         slope = _num(steady["rss_slope_mb_per_min"], "{:+.2f}")
     gaps = " / ".join(_num(slow[k], "{:.2f}") for k in ("gap_p50", "gap_p99", "gap_max"))
+    first = slow.get("first_token") or {}
+    ttft = " / ".join(_num(first.get(k), "{:.2f}") for k in ("p50", "p99", "max"))
     lines.append(
         f"| {slow['streams']:,} | {_errors(slow['errors'])} | {slow['unfinished']:,} "
-        f"| {slow['tokens_received']:,} / {slow['tokens_expected']:,} | {gaps} | {window} "
+        f"| {slow['tokens_received']:,} / {slow['tokens_expected']:,} | {ttft} | {gaps} "
+        f"| {window} "
         f"| {rss} | {slope} | {slow['after']['rss_mb']:.1f} |"
     )
     lines.append("")
