@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..overhead.loadgen import Prompt, prompts
-from . import memtrace, probe
+from . import memtrace, probe, scrape
 from .client import StreamProtocol, StreamRecord, Tracker, open_stream
 from .deployment import Deployment
 from .sampling import (
@@ -211,6 +211,9 @@ async def slow_phase(
     tracker = Tracker()
     n = load.streams
     neighbours = Neighbours(deployment)
+    metrics_before = scrape.metrics(deployment.proxy.url)
+    ports = _listener_ports(deployment)
+    queues: dict[str, tuple[int, int]] = {}
     opener = asyncio.ensure_future(open_ramp(deployment, load, tracker))
     samples: list[Sample] = [sample(deployment, tracker)]
     peak_sockets: dict[str, Any] | None = None
@@ -219,11 +222,14 @@ async def slow_phase(
     while tracker.finished < n and time.monotonic() < deadline:
         await asyncio.sleep(max(0.0, samples[-1].t + every - time.monotonic()))
         samples.append(sample(deployment, tracker))
+        _note_queues(queues, ports)
         if peak_sockets is None and opener.done() and tracker.first_events >= n - tracker.finished:
             peak_sockets = _sockets_now(deployment, tracker)
         if deployment.dead():
             break
     out["machine"] = neighbours.report()
+    out["proxy_metrics"] = _metrics_since(deployment, metrics_before)
+    out["accept_queue_max"] = queues
     protocols = opener.result() if opener.done() else []
     opener.cancel()
     unfinished = n - tracker.finished
@@ -254,6 +260,35 @@ async def slow_phase(
         dead=deployment.dead(),
     )
     out.update(_steady(tracker, samples))
+    return out
+
+
+def _listener_ports(deployment: Deployment) -> dict[int, str]:
+    """Listening port -> who listens: the proxy, each simulator."""
+    ports = {deployment.proxy.http_port: "proxy"}
+    for sim in deployment.sims:
+        ports[Deployment.port(sim)] = f"{sim.role} {sim.url}"
+    return ports
+
+
+def _note_queues(queues: dict[str, tuple[int, int]], ports: dict[int, str]) -> None:
+    """Keep the longest accept queue seen on each listener (and its backlog)."""
+    for port, (queued, backlog) in scrape.accept_queues(ports).items():
+        name = ports[port]
+        if queued >= queues.get(name, (-1, 0))[0]:
+            queues[name] = (queued, backlog)
+
+
+def _metrics_since(deployment: Deployment, before: dict[str, float]) -> dict[str, Any]:
+    """What the proxy's metrics say of the streams: leg times and upstream failures."""
+    try:
+        after = scrape.metrics(deployment.proxy.url)
+    except OSError as exc:
+        return {"unreadable": str(exc)}
+    out: dict[str, Any] = {
+        name: scrape.quantiles(before, after, name, (0.5, 0.99)) for name in scrape.HISTOGRAMS
+    }
+    out["counters"] = scrape.counters(before, after)
     return out
 
 

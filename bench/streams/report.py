@@ -224,10 +224,40 @@ def slow_section(slow: dict[str, Any]) -> list[str]:
             f"| {c['machine']:.2f} | {c['others']:.2f} |",
             "",
         ]
+    lines += _waits(slow)
     lines += _timeline(slow["timeline"], slow["roles"])
     lines += _descriptors(slow.get("peak_sockets"), slow["roles"])
     lines += _machine(slow.get("machine"), "the streams")
     lines += _problems(slow, slow["error_samples"])
+    return lines
+
+
+def _waits(slow: dict[str, Any]) -> list[str]:
+    """The proxy's own leg times and failures, and the longest accept queues seen."""
+    lines = []
+    metrics = slow.get("proxy_metrics") or {}
+    if "unreadable" not in metrics and metrics:
+
+        def quantile(name: str) -> str:
+            h = metrics.get(name, {})
+            return f"p50 {h.get('p50', '-')} s, p99 {h.get('p99', '-')} s ({h.get('count')} legs)"
+
+        counters = ", ".join(f"`{k}` {v:g}" for k, v in metrics["counters"].items()) or "none"
+        lines += [
+            "The proxy's metrics over the streams: prefill leg "
+            f"{quantile('moriio_proxy_prefill_seconds')}; first byte to the client "
+            f"{quantile('moriio_proxy_first_byte_seconds')}; upstream failures, retries "
+            f"and ejections: {counters}.",
+            "",
+        ]
+    queues = slow.get("accept_queue_max") or {}
+    if queues:
+        worst = ", ".join(f"{name} {q:,} of {b:,}" for name, (q, b) in queues.items())
+        lines += [
+            "Longest accept queues seen at the samples (connections waiting for the "
+            f"process to accept them, of its backlog): {worst}.",
+            "",
+        ]
     return lines
 
 
