@@ -40,6 +40,7 @@ from bench import run_info  # noqa: E402
 from bench.streams import deployment  # noqa: E402
 from bench.streams.phases import Load, idle_phase, slow_phase  # noqa: E402
 from bench.streams.report import markdown, verdicts  # noqa: E402
+from bench.streams.sampling import machine_cores  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -67,11 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     slow = parser.add_argument_group("slow phase")
     slow.add_argument("--slow-streams", type=int, default=10000)
-    slow.add_argument("--slow-ramp", type=float, default=40.0, help="seconds to open them")
+    slow.add_argument("--slow-ramp", type=float, default=60.0, help="seconds to open them")
     slow.add_argument(
         "--slow-tokens",
         type=int,
-        default=100,
+        default=150,
         help="max_tokens of each (tokens beyond the ramp make the steady window)",
     )
     slow.add_argument("--token-latency", type=float, default=1.0, help="D's seconds per token")
@@ -124,7 +125,10 @@ async def run_phase(
     launcher: tuple[str, ...] = ("-m", "moriio_proxy"),
 ) -> dict[str, Any]:
     """Start a deployment, run ``body(deployment)`` in it, stop it."""
-    print(f"{name}: starting the proxy ({' '.join(proxy_args)}) and simulators ...", flush=True)
+    busy = machine_cores()
+    print(
+        f"{name}: other work uses {busy:.2f} cores; starting the proxy and simulators", flush=True
+    )
     dep = deployment.start(
         logs,
         name,
@@ -139,6 +143,7 @@ async def run_phase(
         result: dict[str, Any] = await body(dep)
     finally:
         dep.stop()
+    result["others_before"] = busy
     result["proxy_args"] = proxy_args
     result["decodes"] = decodes
     result["decode_args"] = decode_args

@@ -44,8 +44,11 @@ class Deployment:
 
     def roles(self) -> dict[str, str]:
         """pid (as text, a JSON key) -> what that process of the proxy's tree is."""
-        root = self.proxy.proc.pid
-        return {str(pid): probe.role(pid, root) for pid in self.proxy_pids()}
+        root, pids = self.proxy.proc.pid, self.proxy_pids()
+        roles = {str(pid): probe.role(pid, root) for pid in pids}
+        if len(pids) > 1:
+            roles[str(root)] = "supervisor"  # serve --workers N: discovery, no serving
+        return roles
 
     @staticmethod
     def port(sim: SimProcess) -> int:

@@ -30,6 +30,7 @@ from .sampling import (
     Neighbours,
     Sample,
     cores,
+    process_cores,
     sample,
     settled_memory,
     slope_per_minute,
@@ -327,6 +328,7 @@ def _steady(tracker: Tracker, samples: list[Sample]) -> dict[str, Any]:
                 "anon_mb": round(b.anon_total, 2),
                 "rss_by_pid": {str(pid): round(v, 2) for pid, v in b.rss.items()},
                 "cores": cores(a, b),
+                "cores_by_pid": process_cores(a, b),
             }
         )
     out: dict[str, Any] = {"timeline": timeline, "steady": None}

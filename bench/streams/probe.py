@@ -197,17 +197,37 @@ def tcp_counters() -> dict[str, int]:
     return {}
 
 
+def _cpu(pid: int, reaped: bool) -> float | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: all its threads
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])  # children it has waited for
+    return ticks / CLOCK_TICKS
+
+
 def process_cpu() -> dict[int, float]:
-    """CPU seconds (utime+stime, own threads only) of every live process."""
+    """CPU seconds of every live process, with its reaped children's: a test runner or
+    a shell whose short-lived children came and went between two readings shows them."""
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                raw = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = raw[raw.rindex(")") + 2 :].split()
-            out[int(entry)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            seconds = _cpu(int(entry), reaped=True)
+            if seconds is not None:
+                out[int(entry)] = seconds
+    return out
+
+
+def own_cpu(pids: Iterable[int]) -> dict[int, float]:
+    """CPU seconds of each process itself (all its threads, no children)."""
+    out = {}
+    for pid in pids:
+        seconds = _cpu(pid, reaped=False)
+        if seconds is not None:
+            out[pid] = seconds
     return out
 
 

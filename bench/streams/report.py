@@ -85,7 +85,8 @@ def idle_section(idle: dict[str, Any]) -> list[str]:
         "closes every client connection.",
         "",
         f"Baseline after the warm-up: RSS {idle['baseline']['rss_mb']:.1f} MB "
-        f"(RssAnon {idle['baseline']['anon_mb']:.1f} MB).",
+        f"(RssAnon {idle['baseline']['anon_mb']:.1f} MB). Other work on the machine used "
+        f"{idle['others_before']:.2f} cores just before the phase.",
         "",
         "| round | streams | got first token | RSS before MB | RSS held MB | **MB per "
         "1,000 streams** | RssAnon +MB | RSS after close MB | client sockets | upstream "
@@ -185,7 +186,8 @@ def slow_section(slow: dict[str, Any]) -> list[str]:
         f"{_errors(warm['errors'])}); baseline RSS {slow['baseline']['rss_mb']:.1f} MB. Then "
         f"{slow['streams']:,} streams of {slow['max_tokens']} tokens, opened evenly over "
         f"{slow['ramp_seconds']:g} s, each on its own connection, run to their end; the "
-        f"proxy sampled every {slow['sample_every']:g} s.",
+        f"proxy sampled every {slow['sample_every']:g} s. Other work on the machine used "
+        f"{slow['others_before']:.2f} cores just before the phase.",
         "",
         "| streams | errors | unfinished | tokens received / expected | first token after "
         "p50 / p99 / max s | gap between a stream's tokens p50 / p99 / max s | all streaming "
@@ -265,21 +267,29 @@ def _timeline(timeline: list[dict[str, Any]], roles: dict[str, str]) -> list[str
     if not timeline:
         return []
     pids = list(timeline[0]["rss_by_pid"])
+    workers = [pid for pid in pids if roles.get(pid) in ("worker", "proxy")]
     head = " | ".join(f"{roles.get(pid, 'pid')} {pid} MB" for pid in pids)
+    cpu_head = " | ".join(f"{roles.get(pid, 'pid')} {pid} cores" for pid in workers)
     lines = [
-        "Over time (t from the first stream's start; cores over the interval before t):",
+        "Over time (t from the first stream's start; cores over the interval before t; "
+        "'opened': connections the kernel completed, the proxy may not have accepted "
+        "them yet):",
         "",
         f"| t s | opened | open | got first token | tokens/s | proxy RSS MB | {head} "
-        "| proxy cores | D cores | others |",
-        "|---|---|---|---|---|---|" + "---|" * len(pids) + "---|---|---|",
+        f"| proxy cores | {cpu_head} | D cores | machine | others |",
+        "|---|---|---|---|---|---|" + "---|" * (len(pids) + len(workers)) + "---|---|---|---|",
     ]
     for row in timeline:
         per = " | ".join(_num(row["rss_by_pid"].get(pid)) for pid in pids)
+        per_cpu = " | ".join(
+            _num(row.get("cores_by_pid", {}).get(pid), "{:.2f}") for pid in workers
+        )
         c = row["cores"]
         lines.append(
             f"| {row['t']:.0f} | {row['opened']:,} | {row['open_streams']:,} "
             f"| {row['first_events']:,} | {row['events_per_s']:,.0f} | {row['rss_mb']:.1f} "
-            f"| {per} | {_num(c.get('proxy'), '{:.2f}')} | {_num(c.get('D'), '{:.2f}')} "
+            f"| {per} | {_num(c.get('proxy'), '{:.2f}')} | {per_cpu} "
+            f"| {_num(c.get('D'), '{:.2f}')} | {_num(c.get('machine'), '{:.2f}')} "
             f"| {_num(c.get('others'), '{:.2f}')} |"
         )
     return [*lines, ""]

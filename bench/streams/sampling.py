@@ -36,6 +36,7 @@ class Sample:
     rss: dict[int, float]  # pid -> MB, the proxy's processes
     anon: dict[int, float]
     cpu: dict[str, float]  # group -> CPU seconds so far: proxy, P, D, loadgen, machine
+    proxy_cpu: dict[int, float]  # pid -> CPU seconds so far of each proxy process itself
 
     @property
     def rss_total(self) -> float:
@@ -61,8 +62,17 @@ def cpu_now(deployment: Deployment) -> dict[str, float]:
     return out
 
 
+def machine_cores(seconds: float = 3.0) -> float:
+    """Cores the whole machine used over the next ``seconds`` (blocking): before a phase
+    starts anything, that is other work's."""
+    start, began = machine_busy_seconds(), time.monotonic()
+    time.sleep(seconds)
+    return round((machine_busy_seconds() - start) / (time.monotonic() - began), 2)
+
+
 def sample(deployment: Deployment, tracker: Tracker) -> Sample:
-    rows = probe.memory(deployment.proxy_pids())
+    pids = deployment.proxy_pids()
+    rows = probe.memory(pids)
     return Sample(
         time.monotonic(),
         tracker.opened,
@@ -72,6 +82,7 @@ def sample(deployment: Deployment, tracker: Tracker) -> Sample:
         {r.pid: r.rss_kib * 1024 / MB for r in rows},
         {r.pid: r.anon_kib * 1024 / MB for r in rows},
         cpu_now(deployment),
+        probe.own_cpu(pids),
     )
 
 
@@ -117,6 +128,18 @@ def cores(a: Sample, b: Sample) -> dict[str, float]:
     ours = sum(v for k, v in used.items() if k != "machine")
     used["others"] = max(0.0, used["machine"] - ours)
     return {k: round(v, 3) for k, v in used.items()}
+
+
+def process_cores(a: Sample, b: Sample) -> dict[str, float]:
+    """Cores each proxy process used between two samples (pid as text, a JSON key)."""
+    dt = b.t - a.t
+    if dt <= 0:
+        return {}
+    return {
+        str(pid): round((b.proxy_cpu[pid] - a.proxy_cpu[pid]) / dt, 3)
+        for pid in b.proxy_cpu
+        if pid in a.proxy_cpu
+    }
 
 
 def slope_per_minute(points: Sequence[tuple[float, float]]) -> float | None:
