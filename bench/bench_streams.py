@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     slow.add_argument(
         "--slow-tokens",
         type=int,
-        default=150,
+        default=240,
         help="max_tokens of each (tokens beyond the ramp make the steady window)",
     )
     slow.add_argument("--token-latency", type=float, default=1.0, help="D's seconds per token")
