@@ -35,6 +35,9 @@ def take(pid: int, where: Path, number: int, timeout: float = 120.0) -> Path:
 
 def _short(frame: tracemalloc.Frame) -> str:
     name = frame.filename
+    own = name.rfind("/moriio_proxy/")
+    if own >= 0:
+        return f"{name[own + 1 :]}:{frame.lineno}"
     for marker in _SHORTEN:
         at = name.rfind(marker)
         if at >= 0:

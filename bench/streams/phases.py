@@ -343,6 +343,7 @@ def _steady(tracker: Tracker, samples: list[Sample]) -> dict[str, Any]:
     anon = [(s.t, s.anon_total) for s in window]
     values = [v for _, v in rss]
     out["steady"] = {
+        "mb_per_1000": round((values[0] - samples[0].rss_total) * 1000 / len(records), 2),
         "from_s": round(all_open - t0, 1),
         "to_s": round(first_end - t0, 1),
         "samples": len(window),

@@ -8,6 +8,7 @@ IDLE_TARGET_MB = 50.0  # per 1,000 idle streams
 # Flat: the steady window's fitted RSS growth is under this share of the RSS (or 5 MB).
 FLAT_SHARE = 0.02
 FLAT_FLOOR_MB = 5.0
+_TIMELINE_ROWS = 40
 
 
 def _num(value: Any, fmt: str = "{:.1f}") -> str:
@@ -61,7 +62,8 @@ def verdicts(report: dict[str, Any]) -> list[str]:
             ok = flat and not errors and not slow["unfinished"]
             out.append(
                 f"{'PASS' if ok else 'FAIL'}: {slow['streams']:,} concurrent slow streams, "
-                f"{errors} errors, {slow['unfinished']} unfinished; proxy RSS over the "
+                f"{errors} errors, {slow['unfinished']} unfinished; "
+                f"{steady['mb_per_1000']:.1f} MB of proxy RSS per 1,000 streaming; RSS over the "
                 f"{minutes * 60:.0f} s all were open: fitted change {growth:+.1f} MB "
                 f"({'flat' if flat else 'NOT flat'}: allowance {allowance:.1f} MB), "
                 f"max-min {steady['rss_max_mb'] - steady['rss_min_mb']:.1f} MB"
@@ -270,16 +272,17 @@ def _timeline(timeline: list[dict[str, Any]], roles: dict[str, str]) -> list[str
     workers = [pid for pid in pids if roles.get(pid) in ("worker", "proxy")]
     head = " | ".join(f"{roles.get(pid, 'pid')} {pid} MB" for pid in pids)
     cpu_head = " | ".join(f"{roles.get(pid, 'pid')} {pid} cores" for pid in workers)
+    step = -(-len(timeline) // _TIMELINE_ROWS)  # every sample, or every 2nd, 3rd...
     lines = [
         "Over time (t from the first stream's start; cores over the interval before t; "
         "'opened': connections the kernel completed, the proxy may not have accepted "
-        "them yet):",
+        f"them yet{'' if step == 1 else f'; every {step} samples, all in the JSON'}):",
         "",
         f"| t s | opened | open | got first token | tokens/s | proxy RSS MB | {head} "
         f"| proxy cores | {cpu_head} | D cores | machine | others |",
         "|---|---|---|---|---|---|" + "---|" * (len(pids) + len(workers)) + "---|---|---|---|",
     ]
-    for row in timeline:
+    for row in timeline[step - 1 :: step]:
         per = " | ".join(_num(row["rss_by_pid"].get(pid)) for pid in pids)
         per_cpu = " | ".join(
             _num(row.get("cores_by_pid", {}).get(pid), "{:.2f}") for pid in workers
