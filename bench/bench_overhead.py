@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import shlex
 import sys
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import run_info  # noqa: E402
+from bench import outputs, run_info  # noqa: E402
 from bench.overhead import profile as pyspy  # noqa: E402
 from bench.overhead import vllm_router  # noqa: E402
 from bench.overhead.cells import Cell, Measurement, Settings, run_cell, summarize  # noqa: E402
@@ -48,7 +47,6 @@ from bench.overhead.workers import WorkerPool  # noqa: E402
 from bench.processes import StartError  # noqa: E402
 from moriio_proxy.protocol import TransferMode  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 TARGETS = ("floor", "moriio-proxy", "vllm-router")
 # (warm-up s, window s, rounds): 18 cells x 3 targets x 3 rounds of ~6.5 s = about 6 minutes
 DEFAULT_TIMES = (2.0, 4.0, 3)
@@ -366,22 +364,9 @@ def run_mode(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    out = (args.out or RESULTS / "scratch" / stamp).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"results folder: {out}", flush=True)
+    out = outputs.folder(args.out, "")
     report = run(args, out)
-    text = markdown(report)
-    payload = json.dumps(report, indent=2) + "\n"
-    written = [out / "overhead.json", out / "overhead.md"]
-    written[0].write_text(payload)
-    written[1].write_text(text)
-    if args.update:
-        (RESULTS / "overhead.json").write_text(payload)
-        (RESULTS / "overhead.md").write_text(text)
-        written += [RESULTS / "overhead.json", RESULTS / "overhead.md"]
-    print(text)
-    print("written: " + ", ".join(str(p) for p in written), flush=True)
+    outputs.write(report, markdown(report), out, "overhead", args.update)
     return 0
 
 

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import resource
 import shlex
 import sys
-import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -36,13 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import run_info  # noqa: E402
+from bench import outputs, run_info  # noqa: E402
 from bench.streams import deployment  # noqa: E402
 from bench.streams.phases import Load, idle_phase, slow_phase  # noqa: E402
 from bench.streams.report import markdown, verdicts  # noqa: E402
 from bench.streams.sampling import machine_cores  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -215,22 +211,9 @@ def run_in_loop(main: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    out = (args.out or RESULTS / "scratch" / f"streams-{stamp}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"results folder: {out}", flush=True)
+    out = outputs.folder(args.out, "streams-")
     report = run_in_loop(run(args, out))
-    text = markdown(report)
-    payload = json.dumps(report, indent=2) + "\n"
-    written = [out / "streams.json", out / "streams.md"]
-    written[0].write_text(payload)
-    written[1].write_text(text)
-    if args.update:
-        (RESULTS / "streams.json").write_text(payload)
-        (RESULTS / "streams.md").write_text(text)
-        written += [RESULTS / "streams.json", RESULTS / "streams.md"]
-    print(text)
-    print("written: " + ", ".join(str(p) for p in written), flush=True)
+    outputs.write(report, markdown(report), out, "streams", args.update)
     return 0
 
 
