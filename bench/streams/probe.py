@@ -197,28 +197,52 @@ def tcp_counters() -> dict[str, int]:
     return {}
 
 
-def _cpu(pid: int, reaped: bool) -> float | None:
+def _stat(pid: int) -> list[str] | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _cpu(pid: int, reaped: bool) -> float | None:
+    fields = _stat(pid)
+    if fields is None:
+        return None
     ticks = int(fields[11]) + int(fields[12])  # utime, stime: all its threads
     if reaped:
         ticks += int(fields[13]) + int(fields[14])  # children it has waited for
     return ticks / CLOCK_TICKS
 
 
-def process_cpu() -> dict[int, float]:
-    """CPU seconds of every live process, with its reaped children's: a test runner or
-    a shell whose short-lived children came and went between two readings shows them."""
+def process_cpu() -> dict[int, tuple[float, int]]:
+    """pid -> (CPU seconds with its reaped children's, parent pid) of every live process:
+    a shell or test runner whose short-lived children came and went between two readings
+    shows their CPU (see ``cpu_between``)."""
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            seconds = _cpu(int(entry), reaped=True)
-            if seconds is not None:
-                out[int(entry)] = seconds
+            fields = _stat(int(entry))
+            if fields is not None:
+                ticks = sum(int(x) for x in fields[11:15])
+                out[int(entry)] = (ticks / CLOCK_TICKS, int(fields[1]))
     return out
+
+
+def cpu_between(
+    start: dict[int, tuple[float, int]], end: dict[int, tuple[float, int]]
+) -> dict[int, float]:
+    """CPU seconds each process alive at ``end`` used since ``start``, its children
+    reaped meanwhile included. A child alive at ``start`` and reaped since brings its whole
+    life's CPU into its parent's count; what it had used before ``start`` is taken off."""
+    before_start: dict[int, float] = {}
+    for pid, (seconds, parent) in start.items():
+        if pid not in end:
+            before_start[parent] = before_start.get(parent, 0.0) + seconds
+    return {
+        pid: seconds - start.get(pid, (0.0, 0))[0] - before_start.get(pid, 0.0)
+        for pid, (seconds, _) in end.items()
+    }
 
 
 def own_cpu(pids: Iterable[int]) -> dict[int, float]:

@@ -192,13 +192,9 @@ class Neighbours:
 
     def report(self, top: int = 5) -> dict[str, Any]:
         seconds = time.monotonic() - self.started
-        now = probe.process_cpu()
         ours = self._ours()
-        used = {
-            pid: now[pid] - self.cpu.get(pid, 0.0)
-            for pid in now
-            if pid not in ours and now[pid] > self.cpu.get(pid, 0.0)
-        }
+        spent = probe.cpu_between(self.cpu, probe.process_cpu())
+        used = {pid: cpu for pid, cpu in spent.items() if pid not in ours and cpu > 0}
         busiest = sorted(used, key=lambda pid: used[pid], reverse=True)[:top]
         tcp = probe.tcp_counters()
         return {
