@@ -180,7 +180,7 @@ def start_sim(
 # ------------------------------------------------------------------------------- CPU
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -194,7 +194,7 @@ def children_by_parent() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            fields = _stat_fields(int(entry))
+            fields = stat_fields(int(entry))
             if fields is not None:
                 tree.setdefault(int(fields[1]), []).append(int(entry))
     return tree
@@ -212,7 +212,7 @@ def tree_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
         todo = [root]
         while todo:
             pid = todo.pop()
-            fields = _stat_fields(pid)
+            fields = stat_fields(pid)
             if fields is None:
                 continue
             ticks += sum(int(x) for x in fields[11:15])

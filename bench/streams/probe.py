@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..processes import CLOCK_TICKS, children_by_parent
+from ..processes import CLOCK_TICKS, children_by_parent, stat_fields
 
 _TCP_LISTEN = "0A"
 
@@ -197,16 +197,8 @@ def tcp_counters() -> dict[str, int]:
     return {}
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
 def _cpu(pid: int, reaped: bool) -> float | None:
-    fields = _stat(pid)
+    fields = stat_fields(pid)
     if fields is None:
         return None
     ticks = int(fields[11]) + int(fields[12])  # utime, stime: all its threads
@@ -222,7 +214,7 @@ def process_cpu() -> dict[int, tuple[float, int]]:
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            fields = _stat(int(entry))
+            fields = stat_fields(int(entry))
             if fields is not None:
                 ticks = sum(int(x) for x in fields[11:15])
                 out[int(entry)] = (ticks / CLOCK_TICKS, int(fields[1]))
