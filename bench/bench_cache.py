@@ -162,14 +162,13 @@ def start(name: str, args: argparse.Namespace, logs: Path, router: str | None) -
 def describe_run(
     args: argparse.Namespace, located: vllm_router.Located, facts: dict[str, Any]
 ) -> dict[str, Any]:
-    from moriio_proxy import __version__
 
     spec = facts["spec"]
     p_tokens = args.gpu_blocks * args.block_size
     return {
         "when": runinfo.now(),
         "machine": runinfo.machine(),
-        "moriio_proxy": f"{__version__} at {runinfo.commit()}",
+        "moriio_proxy": runinfo.moriio_proxy(),
         "vllm_router": vllm_router.describe(located),
         "python": platform.python_version(),
         "command": runinfo.command("bench_cache.py"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import platform
 import sys
 import time
@@ -139,15 +138,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def describe_run(args: argparse.Namespace, router: vllm_router.Located) -> dict[str, Any]:
-    from moriio_proxy import __version__
-
-    libs = ", ".join(
-        f"{name} {importlib.metadata.version(name)}" for name in ("hypercorn", "quart", "aiohttp")
-    )
     return {
         "when": runinfo.now(),
         "machine": runinfo.machine(),
-        "moriio_proxy": f"{__version__} at {runinfo.commit()} ({libs})",
+        "moriio_proxy": runinfo.moriio_proxy(),
         "vllm_router": vllm_router.describe(router),
         "python": platform.python_version(),
         "command": runinfo.command("bench_overhead.py"),

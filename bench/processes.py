@@ -120,15 +120,21 @@ class ProxyProcess:
         return f"127.0.0.1:{self.discovery_port}"
 
 
-def start_proxy(log: Path, extra: Sequence[str] = (), timeout: float = 30.0) -> ProxyProcess:
+def start_proxy(
+    log: Path,
+    extra: Sequence[str] = (),
+    timeout: float = 30.0,
+    launcher: Sequence[str] = ("-m", "moriio_proxy"),
+) -> ProxyProcess:
     """``moriio-proxy serve`` on ports it binds itself, read back from its startup log.
 
     It must log at info level or above for those two lines; no per-request line is logged
-    at info, so this is also the level the proxy runs at by default.
+    at info, so this is also the level the proxy runs at by default. ``launcher``: the
+    interpreter's arguments before ``serve`` (a wrapper module that instruments the proxy).
     """
     log = fresh_log(log)
     args = [
-        sys.executable, "-m", "moriio_proxy", "serve", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, *launcher, "serve", "--host", "127.0.0.1", "--port", "0",
         "--discovery-host", "127.0.0.1", "--discovery-port", "0", *extra,
     ]  # fmt: skip
     proc = spawn(args, log)
@@ -181,7 +187,7 @@ def start_sim(
 # ------------------------------------------------------------------------------- CPU
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -190,11 +196,12 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
-def _children() -> dict[int, list[int]]:
+def children_by_parent() -> dict[int, list[int]]:
+    """Every live process's children, keyed by parent pid."""
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            fields = _stat_fields(int(entry))
+            fields = stat_fields(int(entry))
             if fields is not None:
                 tree.setdefault(int(fields[1]), []).append(int(entry))
     return tree
@@ -205,14 +212,14 @@ def tree_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
 
     Fields (after the command): [11] utime, [12] stime, [13] cutime, [14] cstime.
     """
-    children = _children()
+    children = children_by_parent()
     totals: dict[int, float] = {}
     for root in pids:
         ticks = 0
         todo = [root]
         while todo:
             pid = todo.pop()
-            fields = _stat_fields(pid)
+            fields = stat_fields(pid)
             if fields is None:
                 continue
             ticks += sum(int(x) for x in fields[11:15])

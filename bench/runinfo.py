@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -33,17 +34,32 @@ def commit() -> str:
     return head + (" (uncommitted changes)" if dirty else "")
 
 
+def load() -> str:
+    """The load average now: other work shares this machine, and a figure measured under
+    load is only comparable with one measured under the same load."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
 def machine() -> str:
+    """CPU, cores and the load average at the start of the run."""
     cpu_model = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             cpu_model = line.split(":", 1)[1].strip()
             break
-    load = os.getloadavg()
-    return (
-        f"{platform.machine()} {cpu_model}, {os.cpu_count()} cores, "
-        f"load average {load[0]:.2f} at start"
-    )
+    return f"{platform.machine()} {cpu_model}, {os.cpu_count()} cores, {load()} at start"
+
+
+LIBRARIES = ("hypercorn", "quart", "aiohttp")
+
+
+def moriio_proxy() -> str:
+    """Version, commit (and whether the tree had changes) and the serving libraries' versions."""
+    from moriio_proxy import __version__
+
+    libs = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in LIBRARIES)
+    return f"{__version__} at {commit()} ({libs})"
 
 
 def now() -> str:

@@ -16,6 +16,11 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 
+# Connections the kernel completes and queues while the event loop is busy elsewhere. A
+# full queue drops new connections' handshakes: a client then waits for SYN retransmits
+# (1 s, 3 s, 7 s...) or is reset. Linux caps it at net.core.somaxconn.
+BACKLOG = 2048
+
 
 class _Config(HypercornConfig):
     """Hypercorn's config with the per-response headers built once a second, not once
@@ -48,7 +53,7 @@ def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.s
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(2048)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
@@ -67,6 +72,10 @@ async def serve(
     config = _Config()
     # Hypercorn takes ownership of (and closes) the descriptor it is given: hand it a dup.
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
+    # Hypercorn calls listen() again on that socket with its own backlog (100 by default),
+    # which would replace ours: under a burst of new streams a worker whose loop is busy
+    # for a fraction of a second then drops connections (bench/README.md, streams).
+    config.backlog = BACKLOG
     config.accesslog = None
     config.errorlog = _error_log()
     config.graceful_timeout = graceful_timeout
