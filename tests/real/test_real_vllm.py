@@ -22,15 +22,8 @@ import zmq.asyncio
 
 from moriio_proxy.protocol import Instance
 from tests.harness import read_sse, running_proxy
-from tests.real.conftest import (
-    DECODE_KV,
-    PREFILL_KV,
-    REQUIRED,
-    Engines,
-    Stack,
-    missing_reason,
-    shims,
-)
+from tests.real.conftest import DECODE_KV, PREFILL_KV, Engines, Stack, shims
+from tests.real.engines import REQUIRED, missing_reason
 
 if missing_reason() is not None and not REQUIRED:
     pytest.skip(missing_reason() or "", allow_module_level=True)

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from tests.harness import running_proxy
-from tests.real.conftest import MODEL, REPO, REQUIRED, VENV, missing_reason
+from tests.real.engines import MODEL, REPO, REQUIRED, VENV, missing_reason
 
 REASON = missing_reason()
 if REASON is not None:
