@@ -308,8 +308,8 @@ class Disaggregator:
     ) -> None:
         """Cancel whatever leg is still running and free a decode answer nobody will read.
 
-        A WRITE decode cancelled before its KV arrived is counted: vLLM 0.32 keeps its
-        blocks (protocol.md section 4).
+        A WRITE decode cancelled before its KV arrived is counted: vLLM keeps its
+        blocks (docs/protocol.md §6.2).
         """
         if not d_task.done():
             self.metrics.decode_aborted_before_kv.inc()

@@ -57,7 +57,7 @@ class Entry:
 
 
 class Registry:
-    """Instances keyed by ``(role, http_address)``, as protocol.md section 1 requires.
+    """Instances keyed by ``(role, http_address)``, as docs/protocol.md §2.2 requires.
 
     Signals (blinker, one set per registry so tests never share state):
     ``instance_added(entry)``, ``instance_updated(entry)`` (the same address announced a

@@ -350,7 +350,7 @@ async def test_concurrent_requests_equal_direct_greedy(stack: Stack):
 
 @pytest.mark.parametrize("mode", ["READ", "WRITE"])
 async def test_registration_by_heartbeat(real_engines: Engines, mode: str):
-    """Registered as vLLM 0.32's heartbeat child does it (protocol.md section 1), not by
+    """Registered as vLLM 0.32's heartbeat child does it (docs/protocol.md §2.1), not by
     static config: a msgpack map from a DEALER every 0.2 s."""
     async with shims(real_engines) as (prefill, decode), running_proxy() as proxy:
         beats = [

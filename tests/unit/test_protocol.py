@@ -1,7 +1,7 @@
 """The MoRI-IO wire contract (shared/docs/protocol.md) as the proxy builds and reads it.
 
 A malformed leg kills a vLLM engine rather than failing one request, so every key the
-connector reads is asserted here, against the values protocol.md and vLLM 0.32 require.
+connector reads is asserted here, against the values docs/protocol.md and vLLM 0.32 require.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ P1 = Instance(
     transfer_mode="WRITE",
 )
 
-# What vLLM 0.32's producer returns (protocol.md section 3): nested block ids, string ports.
+# What vLLM 0.32's producer returns (docs/protocol.md §5.2): nested block ids, string ports.
 P_RETURNED = {
     "do_remote_prefill": True,
     "do_remote_decode": False,

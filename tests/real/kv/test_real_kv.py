@@ -261,7 +261,7 @@ async def test_a_failed_transfer_is_an_error_not_wrong_text(kv: KvStack) -> None
 
 
 async def test_a_malformed_leg_kills_the_engine(kv: KvStack) -> None:
-    """Why the proxy's legs must be exact (protocol.md): the connector's scheduler code
+    """Why the proxy's legs must be exact (docs/protocol.md §5, §6): the connector's scheduler code
     raises on a malformed leg, and the whole engine dies. READ: a decode leg whose
     remote_block_ids lost a level of nesting; WRITE: a prefill leg without the
     remote_block_ids key. The same request through the proxy first: served. Runs last in
