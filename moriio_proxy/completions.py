@@ -22,8 +22,9 @@ from typing import Any
 
 import orjson
 
+from .answer import JsonAnswer, ProxyError, StreamAnswer
 from .compat import timeout_after
-from .disagg import JsonAnswer, ProxyError, StreamAnswer, client_id
+from .disagg import client_id
 from .protocol import Endpoint, RequestError, error_body, parse_client_request
 from .state import ProxyState
 
