@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
@@ -23,15 +23,24 @@ from .config import ProxyConfig
 from .disagg import Disaggregator
 from .discovery import DiscoverySource, make_discovery
 from .discovery.mirror import fleet_inflight_of
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE, InstanceLoad, Metrics
 from .pairing import unpaired_reason
 from .policies import LoadBound, PolicySettings, make_decode_policy, make_prefill_policy
 from .protocol import error_body
 from .registry import Entry, Registry
-from .state import ProxyState, build_registry, build_upstream
+from .state import (
+    ProxyState,
+    build_access_log,
+    build_registry,
+    build_tracing,
+    build_upstream,
+)
 from .upstream import UpstreamError
 from .version_probe import VersionProbe
 from .views import AdminInstances, InstanceState, InstanceView
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger("moriio_proxy")
 
@@ -51,10 +60,12 @@ def create_app(
     discovery: DiscoveryFactory | None = None,
     *,
     clock: Callable[[], float] = time.monotonic,
+    tracing: Tracing | None = None,
 ) -> Quart:
     """The proxy as a Quart app; ``discovery`` replaces the configured source (a worker
     of ``serve --workers N`` mirrors its supervisor's registry instead); ``clock`` is the
-    registry's (TTLs, ejection periods), which a test may move instead of sleeping."""
+    registry's (TTLs, ejection periods), which a test may move instead of sleeping;
+    ``tracing`` replaces the one ``--otlp-traces-endpoint`` builds (a test's exporter)."""
     app = Quart("moriio_proxy")
     # Streams last as long as generation does; our own timeouts bound every upstream wait.
     app.config["RESPONSE_TIMEOUT"] = None
@@ -82,9 +93,24 @@ def create_app(
     # Only the source of truth asks instances for their version; a worker's mirror is
     # told by the supervisor.
     versions = VersionProbe(registry, upstream) if source.announce else None
-    proxy = ProxyState(config, registry, metrics, upstream, source, disagg, versions)
+    proxy = ProxyState(
+        config,
+        registry,
+        metrics,
+        upstream,
+        source,
+        disagg,
+        versions,
+        access_log=build_access_log(config),
+        tracing=tracing if tracing is not None else build_tracing(config),
+    )
     app.extensions["moriio_proxy"] = proxy
-    metrics.watch(lambda: [e.instance.role for e in registry.entries()])
+    metrics.watch(lambda: [_load(e) for e in registry.entries()])
+
+    def forget(_: Registry, entry: Entry, **__: Any) -> None:
+        metrics.forget_instance(entry.instance.role, entry.instance.http_address)
+
+    registry.instance_removed.connect(forget, sender=registry, weak=False)
 
     app.before_serving(proxy.start)
     app.after_serving(proxy.stop)
@@ -158,6 +184,12 @@ async def _models(proxy: ProxyState) -> Response:
     if not seen:
         return _json(error_body("no instance answered its model list", 502), 502)
     return _json({"object": "list", "data": list(seen.values())})
+
+
+def _load(entry: Entry) -> InstanceLoad:
+    """An instance for the scrape-time gauges; in flight: every worker's legs."""
+    inst = entry.instance
+    return InstanceLoad(inst.role, inst.http_address, sum(fleet_inflight_of(entry)))
 
 
 def _describe(proxy: ProxyState, entry: Entry, live: dict[str, list[Entry]]) -> InstanceView:

@@ -15,7 +15,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -25,6 +26,7 @@ from .pairing import Pair
 from .protocol import (
     ClientRequest,
     Instance,
+    Leg,
     TransferMode,
     build_decode_leg,
     build_prefill_leg,
@@ -33,11 +35,15 @@ from .protocol import (
     new_transfer_id,
     prefill_as_answer,
 )
+from .record import RequestRecord
 from .registry import Entry, Registry
 from .relay import DONE, Relay, Scrubber, error_status, sse_event
 from .tasks import BackgroundTasks
 from .upstream import Upstream, UpstreamError, UpstreamKvLoadError, UpstreamStatusError
 from .versions import is_kv_load_failure, maps_write_tp
+
+if TYPE_CHECKING:
+    from .tracing import LegSpan
 
 log = logging.getLogger("moriio_proxy.disagg")
 
@@ -77,10 +83,25 @@ class Attempts:
         self._background = BackgroundTasks()
 
     async def run(
-        self, request: ClientRequest, pair: Pair, suffix: str, deadline: float
+        self,
+        request: ClientRequest,
+        pair: Pair,
+        suffix: str,
+        deadline: float,
+        record: RequestRecord,
     ) -> JsonAnswer | StreamAnswer:
+        """Attempt ``record.attempts`` (counted by the caller) on ``pair``."""
         mode = pair.mode
         p, d = pair.prefill.instance, pair.decode.instance
+        record.mode, record.prefill, record.rank, record.decode = (
+            mode,
+            p.http_address,
+            pair.rank,
+            d.http_address,
+        )
+        trace = record.trace
+        if trace is not None:
+            trace.attempt(record.attempts, record)
         nonce = new_nonce()
         transfer_id = new_transfer_id(nonce)
         request_id = new_request_id(p, d, nonce)
@@ -90,17 +111,7 @@ class Attempts:
         )
 
         async def run_prefill() -> dict[str, Any]:
-            started = time.monotonic()
-            with self.registry.track(pair.prefill, pair.rank):
-                try:
-                    payload = await self.upstream.post_json(
-                        prefill_leg, self.upstream.timeouts.prefill
-                    )
-                except UpstreamError as exc:
-                    raise LegFailure("prefill", pair.prefill, exc) from None
-            self.registry.report_success(pair.prefill)
-            self.metrics.prefill_seconds.observe(time.monotonic() - started)
-            return payload
+            return await self._prefill(pair, prefill_leg, record)
 
         def decode_leg(params: dict[str, Any] | None) -> Any:
             return build_decode_leg(
@@ -122,22 +133,45 @@ class Attempts:
             # From here P holds KV blocks for this decode: the leg is always delivered, so
             # even a client that leaves now ends with D releasing them (see _decode).
             return await self._decode(
-                request, pair, decode_leg(params), scrub, deadline, deliver=True
+                request, pair, decode_leg(params), scrub, deadline, record, deliver=True
             )
-        return await self._write(request, pair, run_prefill, decode_leg(None), scrub, deadline)
+        leg = decode_leg(None)
+        return await self._write(request, pair, run_prefill, leg, scrub, deadline, record)
+
+    async def _prefill(self, pair: Pair, leg: Leg, record: RequestRecord) -> dict[str, Any]:
+        """The prefill leg; its duration goes into ``record`` whether it worked or not."""
+        span = None
+        if record.trace is not None:
+            span = record.trace.leg("prefill", pair.prefill.instance.http_address)
+            leg = with_traceparent(leg, span.traceparent)
+        started = time.monotonic()
+        with self.registry.track(pair.prefill, pair.rank):
+            try:
+                payload = await self.upstream.post_json(leg, self.upstream.timeouts.prefill)
+            except UpstreamError as exc:
+                record.prefill_seconds = time.monotonic() - started
+                if span is not None:
+                    span.end(exc.message)
+                raise LegFailure("prefill", pair.prefill, exc) from None
+        record.prefill_seconds = time.monotonic() - started
+        if span is not None:
+            span.end()
+        self.registry.report_success(pair.prefill)
+        return payload
 
     async def _write(
         self,
         request: ClientRequest,
         pair: Pair,
         run_prefill: Callable[[], Any],
-        leg: Any,
+        leg: Leg,
         scrub: Scrubber,
         deadline: float,
+        record: RequestRecord,
     ) -> JsonAnswer | StreamAnswer:
         """Both legs at once; the answer waits for prefill's verdict before any byte."""
         p_task: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(run_prefill())
-        d_task = asyncio.ensure_future(self._decode(request, pair, leg, scrub, deadline))
+        d_task = asyncio.ensure_future(self._decode(request, pair, leg, scrub, deadline, record))
         answer: JsonAnswer | StreamAnswer | None = None
         try:
             while not p_task.done():
@@ -221,18 +255,26 @@ class Attempts:
         self,
         request: ClientRequest,
         pair: Pair,
-        leg: Any,
+        leg: Leg,
         scrub: Scrubber,
         deadline: float,
+        record: RequestRecord,
         *,
         deliver: bool = False,
     ) -> JsonAnswer | StreamAnswer:
         entry = pair.decode
+        span = None
+        if record.trace is not None:
+            span = record.trace.leg("decode", entry.instance.http_address)
+            leg = with_traceparent(leg, span.traceparent)
+        sent = time.monotonic()
         # A WRITE decode of vLLM 0.33 or later fails a request whose KV cannot come
         # (docs/protocol.md §7.6, §10 row 6) instead of waiting forever.
         fails_kv_loads = pair.mode == "WRITE" and maps_write_tp(entry.release)
         stack = contextlib.ExitStack()
         stack.enter_context(self.registry.track(entry))
+        if span is not None:
+            stack.callback(span.end)  # a failure below ends it first, with the error
         try:
             if not request.stream:
                 send = self.upstream.post(leg, self.upstream.timeouts.first_byte, deadline)
@@ -240,7 +282,8 @@ class Attempts:
                     raw = await self._send(send, deliver, _ignore)
                     body = scrub.answer(raw, leg.url)
                 except UpstreamError as exc:
-                    raise _decode_failure(entry, exc, fails_kv_loads) from None
+                    raise _decode_failure(entry, exc, fails_kv_loads, span) from None
+                record.decode_first_byte = time.monotonic() - sent
                 self.registry.report_success(entry)
                 return JsonAnswer(body)
             try:
@@ -248,13 +291,14 @@ class Attempts:
                     self.upstream.open_stream(leg, deadline), deliver, Upstream.abort
                 )
             except UpstreamError as exc:
-                raise _decode_failure(entry, exc, fails_kv_loads) from None
+                raise _decode_failure(entry, exc, fails_kv_loads, span) from None
             stack.callback(resp.close)
             relay = Relay(resp, scrub, stack)
             try:
                 await relay.prime()
             except UpstreamError as exc:
-                raise _decode_failure(entry, exc, fails_kv_loads) from None
+                raise _decode_failure(entry, exc, fails_kv_loads, span) from None
+            record.decode_first_byte = time.monotonic() - sent
             self.registry.report_success(entry)
             if fails_kv_loads:
                 relay.on_error_event = self._error_after_first_byte
@@ -308,8 +352,17 @@ def _ignore(_: object) -> None:
     """Nothing to free: a JSON answer is already read and released."""
 
 
-def _decode_failure(entry: Entry, error: UpstreamError, fails_kv_loads: bool) -> LegFailure:
+def with_traceparent(leg: Leg, traceparent: str) -> Leg:
+    """The leg carrying a W3C trace context, so vLLM's spans join the proxy's trace."""
+    return replace(leg, headers={**leg.headers, "traceparent": traceparent})
+
+
+def _decode_failure(
+    entry: Entry, error: UpstreamError, fails_kv_loads: bool, span: LegSpan | None
+) -> LegFailure:
     """A failed decode leg; a failed KV load is told apart when the decode can report one."""
+    if span is not None:
+        span.end(error.message)
     if (
         fails_kv_loads
         and isinstance(error, UpstreamStatusError)

@@ -351,6 +351,10 @@ async def run_proxy(
     """Serve until ``stop`` (SIGINT/SIGTERM); ``on_serving`` gets the state once both ports
     listen (the demo starts its simulated instances then)."""
     stop = stop or stop_event()
+    if config.otlp_traces_endpoint:
+        from .state import require_tracing
+
+        require_tracing()  # one clear line before any process starts, not one per worker
     if config.workers > 1:
         return await _supervise(config, stop)
     from .app import create_app, state

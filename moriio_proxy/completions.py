@@ -26,6 +26,7 @@ from .answer import JsonAnswer, ProxyError, StreamAnswer
 from .compat import timeout_after
 from .disagg import client_id
 from .protocol import Endpoint, RequestError, error_body, parse_client_request
+from .record import RequestRecord
 from .state import ProxyState
 
 log = logging.getLogger("moriio_proxy")
@@ -46,6 +47,8 @@ _SSE = [
     (b"x-accel-buffering", b"no"),
 ]
 _END = {"type": "http.response.body", "body": b"", "more_body": False}
+# The status a request the client abandoned is logged with (nginx's "client closed").
+CLIENT_CLOSED = 499
 
 
 class _BodyError(Exception):
@@ -77,15 +80,18 @@ class CompletionsEndpoint:
     async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         proxy, metrics = self.proxy, self.proxy.metrics
-        request_id, length, session = _headers(scope, self._session_header)
+        request_id, length, session, traceparent = _headers(scope, self._session_header)
         suffix = client_id(request_id)
+        record = RequestRecord(endpoint, suffix, started)
         headers = [(b"x-request-id", suffix.encode())]
         if proxy.draining:
             metrics.rejected.labels("draining").inc()
+            self._log(record, 503, "draining")
             return await _send_error(send, 503, "the proxy is shutting down", headers)
         limit = proxy.config.max_inflight
         if limit and proxy.inflight >= limit:
             metrics.rejected.labels("over_capacity").inc()
+            self._log(record, 429, "over_capacity")
             message = f"the proxy is at its limit of {limit} requests in flight; retry shortly"
             return await _send_error(send, 429, message, [*headers, (b"retry-after", b"1")])
         try:
@@ -95,29 +101,39 @@ class CompletionsEndpoint:
             parsed = parse_client_request(endpoint, orjson.loads(raw))
         except _BodyError as exc:
             metrics.count_request(endpoint, "bad_request")
+            self._log(record, exc.status, "bad_request")
             return await _send_error(send, exc.status, exc.message, headers)
         except RequestError as exc:
             metrics.count_request(endpoint, "bad_request")
+            self._log(record, 400, "bad_request")
             body = orjson.dumps(error_body(exc.message, 400, param=exc.param))
             return await _send_json(send, 400, body, headers)
         except orjson.JSONDecodeError as exc:
             metrics.count_request(endpoint, "bad_request")
+            self._log(record, 400, "bad_request")
             return await _send_error(send, 400, f"request body is not valid JSON: {exc}", headers)
 
+        record.stream = parsed.stream
+        if proxy.tracing is not None:
+            record.trace = proxy.tracing.request(endpoint, suffix, traceparent)
         watcher = _DisconnectWatcher(receive)
         try:
-            await self._answer(endpoint, parsed, suffix, session, headers, started, send)
+            await self._answer(parsed, session, headers, record, send)
         finally:
             watcher.stop()
 
+    def _log(self, record: RequestRecord, status: int, outcome: str) -> None:
+        """The access-log line of a request refused before it reached an instance."""
+        if self.proxy.access_log is not None:
+            record.status, record.outcome, record.ended = status, outcome, time.monotonic()
+            self.proxy.access_log.write(record)
+
     async def _answer(
         self,
-        endpoint: Endpoint,
         parsed: Any,
-        suffix: str,
         session: str | None,
         headers: list[tuple[bytes, bytes]],
-        started: float,
+        record: RequestRecord,
         send: Send,
     ) -> None:
         proxy, metrics = self.proxy, self.proxy.metrics
@@ -125,51 +141,71 @@ class CompletionsEndpoint:
         metrics.inflight.inc()
         finished = False
 
-        def finish(outcome: str) -> None:
+        def finish(status: int, outcome: str) -> None:
             nonlocal finished
             if not finished:
                 finished = True
                 proxy.inflight -= 1
                 metrics.inflight.dec()
-                metrics.count_request(endpoint, outcome)
-                metrics.request_seconds.labels(endpoint).observe(time.monotonic() - started)
+                metrics.count_request(record.endpoint, outcome)
+                record.status, record.outcome, record.ended = status, outcome, time.monotonic()
+                metrics.observe(record)
+                if proxy.access_log is not None:
+                    proxy.access_log.write(record)
+                if record.trace is not None:
+                    record.trace.finish(record)
 
         try:
-            answer = await proxy.disagg.handle(parsed, suffix, session)
+            answer = await proxy.disagg.handle(parsed, record.request_id, session, record)
         except ProxyError as exc:
-            finish("no_instances" if exc.status == 503 else f"error_{exc.status}")
+            status = exc.status
+            finish(status, "no_instances" if status == 503 else f"error_{status}")
             extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-            return await _send_json(send, exc.status, orjson.dumps(exc.body()), headers + extra)
+            return await _send_json(send, status, orjson.dumps(exc.body()), headers + extra)
         except asyncio.CancelledError:
-            finish("cancelled")
+            finish(CLIENT_CLOSED, "cancelled")
             raise
         except Exception:
-            finish("error_500")
-            log.exception("unhandled error while serving /v1/%s", endpoint)
+            finish(500, "error_500")
+            log.exception("unhandled error while serving /v1/%s", record.endpoint)
             return await _send_error(
                 send, 500, "internal proxy error; see the proxy's log", headers
             )
         if isinstance(answer, JsonAnswer):
-            metrics.first_byte_seconds.observe(time.monotonic() - started)
-            finish("ok")
+            record.first_byte = time.monotonic()
+            finish(200, "ok")
             return await _send_json(send, 200, answer.body, headers)
-        await self._stream(answer, headers, started, finish, send)
+        await self._stream(answer, headers, record, finish, send)
 
     async def _stream(
         self,
         answer: StreamAnswer,
         headers: list[tuple[bytes, bytes]],
-        started: float,
-        finish: Callable[[str], None],
+        record: RequestRecord,
+        finish: Callable[[int, str], None],
         send: Send,
     ) -> None:
-        metrics = self.proxy.metrics
         relay = answer.chunks
-        relay.on_first_byte = lambda: metrics.first_byte_seconds.observe(time.monotonic() - started)
-        relay.add_close_callback(lambda: finish("ok" if relay.saw_done else "stream_error"))
+
+        def closed() -> None:
+            if relay.saw_done:
+                record.chunks -= 1  # [DONE] is not a token
+            finish(200, "ok" if relay.saw_done else "stream_error")
+
+        relay.add_close_callback(closed)
+        gap = self.proxy.metrics.chunk_gap(record.endpoint, record.mode).observe
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE + headers})
             async for block in relay:
+                # The client's view of the stream: when each write leaves, and how many
+                # events (about one token each) it holds.
+                now = time.monotonic()
+                if record.last_chunk is None:
+                    record.first_byte = now
+                else:
+                    gap(now - record.last_chunk)
+                record.last_chunk = now
+                record.chunks += block.count(b"\n\n")
                 await send({"type": "http.response.body", "body": block, "more_body": True})
             await send(_END)
         except asyncio.CancelledError:
@@ -205,14 +241,20 @@ class _DisconnectWatcher:
         self._task.cancel()
 
 
-def _headers(scope: Scope, session_header: bytes) -> tuple[str | None, int | None, str | None]:
-    """The client's X-Request-Id, Content-Length and session header, in one pass."""
+def _headers(
+    scope: Scope, session_header: bytes
+) -> tuple[str | None, int | None, str | None, str | None]:
+    """The client's X-Request-Id, Content-Length, session header and W3C traceparent, in
+    one pass."""
     request_id: str | None = None
     length: int | None = None
     session: str | None = None
+    traceparent: str | None = None
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             request_id = value.decode("latin-1")
+        elif name == b"traceparent":
+            traceparent = value.decode("latin-1")
         elif name == b"content-length":
             try:
                 length = int(value)
@@ -220,7 +262,7 @@ def _headers(scope: Scope, session_header: bytes) -> tuple[str | None, int | Non
                 length = None
         elif name == session_header:
             session = value.decode("latin-1")
-    return request_id, length, session
+    return request_id, length, session, traceparent
 
 
 async def _read_body(receive: Receive, length: int | None, limit: int) -> bytes | None:

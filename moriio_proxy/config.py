@@ -69,6 +69,8 @@ class ProxyConfig:
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     workers: int = 1
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    access_log_format: Literal["text", "json", "off"] = "text"
+    otlp_traces_endpoint: str = ""
     static_instances: tuple[Instance, ...] = field(default=())
     # The settings a flag, a variable or the file set (the rest are defaults), so startup
     # can say where a default it fell back on puts the discovery port. Not part of the value.
@@ -337,6 +339,19 @@ OPTIONS: tuple[Option, ...] = (
         "event_loop",
         ("auto", "uvloop", "asyncio"),
         "event loop: uvloop when installed (auto), or force one",
+    ),
+    choice_option(
+        "access_log_format",
+        ("text", "json", "off"),
+        "one line per request on the moriio_proxy.access logger (info): key=value text, "
+        "JSON, or none",
+    ),
+    Option(
+        "otlp_traces_endpoint",
+        _text,
+        "OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces) to send a span per "
+        "request, attempt and leg to; needs pip install 'moriio-proxy[otel]'",
+        default_text="off",
     ),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}

@@ -21,6 +21,7 @@ from .metrics import Metrics
 from .pairing import NoPairError, Pair, PairChooser
 from .policies import DecodePolicy, PrefillPolicy, RoutingContext, routing_context
 from .protocol import ClientRequest
+from .record import RequestRecord
 from .registry import Registry
 from .relay import public_message
 from .upstream import Upstream, UpstreamError, UpstreamKvLoadError, UpstreamStatusError
@@ -66,19 +67,28 @@ class Disaggregator:
         self.attempts = Attempts(registry, upstream, metrics, release_grace)
 
     async def handle(
-        self, request: ClientRequest, public_suffix: str, session: str | None = None
+        self,
+        request: ClientRequest,
+        public_suffix: str,
+        session: str | None = None,
+        record: RequestRecord | None = None,
     ) -> JsonAnswer | StreamAnswer:
         """Serve one client request; raise ProxyError for anything the client must be told.
 
-        ``session`` is the client's session header, for session affinity. Everything up
-        to the first byte runs under the request's end-to-end deadline; the stream after
-        it carries the same deadline into the relay.
+        ``session`` is the client's session header, for session affinity; ``record``
+        collects what the request did (pair, attempts, phase timings) for the metrics,
+        the access log and the trace. Everything up to the first byte runs under the
+        request's end-to-end deadline; the stream after it carries the same deadline
+        into the relay.
         """
-        deadline = time.monotonic() + self.request_timeout
+        now = time.monotonic()
+        deadline = now + self.request_timeout
         context = routing_context(request, session, self._reads)
+        if record is None:
+            record = RequestRecord(request.endpoint, public_suffix, now)
         try:
             async with timeout_after(self.request_timeout):
-                return await self._serve(request, public_suffix, deadline, context)
+                return await self._serve(request, public_suffix, deadline, context, record)
         except asyncio.TimeoutError:
             self.metrics.upstream_errors.labels("request", "deadline").inc()
             raise ProxyError(
@@ -86,7 +96,12 @@ class Disaggregator:
             ) from None
 
     async def _serve(
-        self, request: ClientRequest, suffix: str, deadline: float, context: RoutingContext
+        self,
+        request: ClientRequest,
+        suffix: str,
+        deadline: float,
+        context: RoutingContext,
+        record: RequestRecord,
     ) -> JsonAnswer | StreamAnswer:
         """Try pairs until one answers. A failure before any byte reached the client is
         retried on a fresh pair without the failed instance, up to ``max_retries`` times
@@ -96,9 +111,12 @@ class Disaggregator:
         attempt = 0
         pair = self._choose(excluded, context)
         while True:
+            record.attempts = attempt + 1
             try:
-                return await self.attempts.run(request, pair, suffix, deadline)
+                return await self.attempts.run(request, pair, suffix, deadline, record)
             except LegFailure as failure:
+                if record.trace is not None:
+                    record.trace.fail_attempt(str(failure))
                 self._account(failure)
                 if not _retryable(failure.error) or attempt >= self.max_retries:
                     raise _client_error(failure, suffix) from None
@@ -114,6 +132,9 @@ class Disaggregator:
     def _account(self, failure: LegFailure) -> None:
         error, entry = failure.error, failure.entry
         self.metrics.upstream_errors.labels(failure.leg, error.kind).inc()
+        self.metrics.count_instance_error(
+            entry.instance.role, entry.instance.http_address, error.kind
+        )
         log.warning(
             "%s leg to %s failed (%s): %s",
             failure.leg,

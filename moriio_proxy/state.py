@@ -3,12 +3,15 @@ Quart routes and the ASGI completions endpoint (so neither imports the other).""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .config import ProxyConfig
+from .access_log import AccessLog
+from .config import ConfigError, ProxyConfig
 from .disagg import Disaggregator
 from .discovery import DiscoverySource
 from .metrics import Metrics
@@ -16,6 +19,9 @@ from .protocol import Role
 from .registry import Registry
 from .upstream import Timeouts, Upstream
 from .version_probe import VersionProbe
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger("moriio_proxy")
 
@@ -45,6 +51,31 @@ def build_upstream(config: ProxyConfig) -> Upstream:
     )
 
 
+def build_access_log(config: ProxyConfig) -> AccessLog | None:
+    fmt = config.access_log_format
+    return None if fmt == "off" else AccessLog(fmt)
+
+
+def build_tracing(config: ProxyConfig) -> Tracing | None:
+    """The OTLP tracer when ``--otlp-traces-endpoint`` is set; None (and no OpenTelemetry
+    import at all) when it is not. ConfigError when the ``otel`` extra is missing."""
+    if not config.otlp_traces_endpoint:
+        return None
+    return require_tracing().to_endpoint(config.otlp_traces_endpoint)
+
+
+def require_tracing() -> type[Tracing]:
+    """The tracing module's entry class; ConfigError with the install command without it."""
+    try:
+        from .tracing import Tracing
+    except ImportError as exc:
+        raise ConfigError(
+            f"--otlp-traces-endpoint: OpenTelemetry is not installed ({exc.name or exc}); "
+            "pip install 'moriio-proxy[otel]'"
+        ) from None
+    return Tracing
+
+
 @dataclass
 class ProxyState:
     """Everything the app owns; tests reach it through ``app.state(quart_app)``."""
@@ -58,6 +89,8 @@ class ProxyState:
     # Asks each instance for its vLLM version; None in a worker of serve --workers N,
     # whose versions come with the supervisor's snapshots.
     versions: VersionProbe | None = None
+    access_log: AccessLog | None = None
+    tracing: Tracing | None = None  # only with --otlp-traces-endpoint
     draining: bool = False
     started: bool = False
     inflight: int = 0
@@ -85,6 +118,8 @@ class ProxyState:
             await self.versions.stop()
         await self.disagg.close()
         await self.upstream.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes: blocking
 
     def drain(self) -> None:
         """Start a graceful shutdown: /ready turns 503 and new requests are refused.
