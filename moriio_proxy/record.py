@@ -64,17 +64,17 @@ class RequestRecord:
         self.trace: RequestTrace | None = None  # set only when tracing is on
 
     def phases(self) -> dict[str, float]:
-        """The phase timings that exist, in seconds from the request's arrival (ttft,
-        total) or as durations (prefill, decode_first_byte), rounded to 0.1 ms."""
+        """The phase timings that exist, in seconds (``_s``) from the request's arrival
+        (ttft, total) or as durations (prefill, decode_first_byte), rounded to 0.1 ms."""
         out: dict[str, float] = {}
         if self.prefill_seconds is not None:
-            out["prefill"] = round(self.prefill_seconds, 4)
+            out["prefill_s"] = round(self.prefill_seconds, 4)
         if self.decode_first_byte is not None:
-            out["decode_first_byte"] = round(self.decode_first_byte, 4)
+            out["decode_first_byte_s"] = round(self.decode_first_byte, 4)
         if self.first_byte is not None:
-            out["ttft"] = round(self.first_byte - self.started, 4)
+            out["ttft_s"] = round(self.first_byte - self.started, 4)
         if self.ended is not None:
-            out["total"] = round(self.ended - self.started, 4)
+            out["total_s"] = round(self.ended - self.started, 4)
         return out
 
     def chunk_rate(self) -> float | None:
