@@ -14,8 +14,9 @@ import signal
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
-from moriio_proxy.sim import expected_text
+from moriio_proxy.sim import SimFaults, expected_text
 from tests.harness import eventually, read_sse
 from tests.harness.serve import ServeProcess, serve_process
 
@@ -172,3 +173,60 @@ async def test_workers_pair_with_the_versions_the_supervisor_learned():
         prompts = [f"mixed tp prompt {i}" for i in range(8)]
         texts = await asyncio.gather(*(complete(running.url, p) for p in prompts))
         assert texts == [expected_text(p, 6) for p in prompts]
+
+
+def total(metrics: str, sample: str, **labels: str) -> float:
+    """The sum of the samples called ``sample`` whose labels include ``labels``."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+        if s.name == sample and labels.items() <= s.labels.items()
+    )
+
+
+async def test_phase_histograms_add_up_and_a_gone_instance_leaves_the_export():
+    """Workers count in prometheus-client's multiprocess files, which cannot forget a
+    series: the export leaves out the per-instance series of an evicted instance."""
+    async with fleet(2, "--decode-policy", "round_robin", "--eject-after", "0") as running:
+        await running.add_sim("P")
+        await running.add_sim("D", token_latency=0.02)  # streams spread over several writes
+        bad = await running.add_sim("D", faults=SimFaults(status=500))
+        await running.wait_ready(times=8)
+
+        async def both_decodes_everywhere() -> bool:
+            for _ in range(6):
+                _, view = await get_json(running.url + "/admin/instances")
+                if len(view["instances"]) != 3:
+                    return False
+            return True
+
+        await eventually(both_decodes_everywhere, interval=0.1, what="three instances")
+        prompts = [f"histogram prompt {i}" for i in range(12)]
+        texts = await asyncio.gather(*(complete(running.url, p, stream=i % 2 == 0)
+                                       for i, p in enumerate(prompts)))  # fmt: skip
+        assert texts == [expected_text(p, 6) for p in prompts]  # retried past the bad one
+
+        ok = {"endpoint": "completions", "mode": "READ", "outcome": "ok"}
+        errors = "moriio_proxy_instance_errors_total"
+        seen = set()
+        for _ in range(8):
+            text = await scrape(running.url)
+            for name in ("request_seconds", "first_byte_seconds", "decode_first_byte_seconds"):
+                assert total(text, f"moriio_proxy_{name}_count", **ok) == 12, name
+            assert total(text, "moriio_proxy_stream_chunks_per_second_count", **ok) == 6
+            seen.add(total(text, errors, address=bad.http_address))
+        assert len(seen) == 1 and seen.pop() >= 1  # the same sum whichever worker answers
+
+        await bad.stop()  # evicted by the supervisor after the TTL, then by the mirrors
+        running.sims.remove(bad)
+
+        async def gone_everywhere() -> bool:
+            for _ in range(6):
+                if bad.http_address in await scrape(running.url):
+                    return False
+            return True
+
+        await eventually(gone_everywhere, interval=0.2, what="the evicted decode's series gone")
+        text = await scrape(running.url)
+        assert total(text, "moriio_proxy_request_seconds_count", **ok) == 12
