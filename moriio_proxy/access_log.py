@@ -38,29 +38,27 @@ def fields(record: RequestRecord) -> dict[str, Any]:
         "status": record.status,
         "outcome": record.outcome,
         "mode": record.mode,
-        "prefill": record.prefill,
-        "dp_rank": record.rank,
-        "decode": record.decode,
-        "attempts": record.attempts,
-        "stream": record.stream,
     }
+    if record.prefill is not None:
+        out["prefill"] = record.prefill
+        out["dp_rank"] = record.rank
+        out["decode"] = record.decode
+    out["attempts"] = record.attempts
+    out["stream"] = record.stream
     if record.stream:
         out["chunks"] = record.chunks
     out.update(record.phases())
-    return {k: v for k, v in out.items() if v is not None}
+    return out
 
 
 def _text(values: dict[str, Any]) -> str:
-    return " ".join(f"{k}={_show(v)}" for k, v in values.items())
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    text = str(value)
-    return text if text and " " not in text and '"' not in text else orjson.dumps(text).decode()
+    """``key=value`` pairs; a value with a space or a quote (none the proxy makes) is
+    JSON-quoted so the line still splits on spaces."""
+    request_id = values["request_id"]
+    if " " in request_id or '"' in request_id:
+        values["request_id"] = orjson.dumps(request_id).decode()
+    values["stream"] = "yes" if values["stream"] else "no"
+    return " ".join([f"{k}={v}" for k, v in values.items()])
 
 
 def _json(values: dict[str, Any]) -> str:

@@ -187,13 +187,16 @@ class CompletionsEndpoint:
     ) -> None:
         relay = answer.chunks
 
+        gaps = self.proxy.metrics.chunk_gaps(record.endpoint, record.mode)
+
         def closed() -> None:
             if relay.saw_done:
                 record.chunks -= 1  # [DONE] is not a token
+            gaps.flush()
             finish(200, "ok" if relay.saw_done else "stream_error")
 
         relay.add_close_callback(closed)
-        gap = self.proxy.metrics.chunk_gap(record.endpoint, record.mode).observe
+        gap = gaps.add
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE + headers})
             async for block in relay:

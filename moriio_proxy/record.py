@@ -71,10 +71,11 @@ class RequestRecord:
             out["prefill_s"] = round(self.prefill_seconds, 4)
         if self.decode_first_byte is not None:
             out["decode_first_byte_s"] = round(self.decode_first_byte, 4)
+        started = self.started
         if self.first_byte is not None:
-            out["ttft_s"] = round(self.first_byte - self.started, 4)
+            out["ttft_s"] = round(self.first_byte - started, 4)
         if self.ended is not None:
-            out["total_s"] = round(self.ended - self.started, 4)
+            out["total_s"] = round(self.ended - started, 4)
         return out
 
     def chunk_rate(self) -> float | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -203,3 +205,19 @@ async def test_without_tracing_no_leg_carries_a_traceparent(http: aiohttp.Client
         assert (await ask(http, proxy, False, traceparent=parent))[0] == 200
     for sim in (prefill, decode):
         assert all("traceparent" not in {k.lower() for k in leg.headers} for leg in sim.legs)
+
+
+def test_a_proxy_without_tracing_never_imports_opentelemetry():
+    """The hot path's only cost when tracing is off is a None check: not even the import."""
+    code = (
+        "import sys\n"
+        "from moriio_proxy.app import create_app, state\n"
+        "from moriio_proxy.config import load_config\n"
+        "app = create_app(load_config({}, env={}))\n"
+        "assert state(app).tracing is None\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

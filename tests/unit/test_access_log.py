@@ -68,7 +68,7 @@ def test_text_is_key_value_pairs_in_field_order(caplog: pytest.LogCaptureFixture
     assert line == (
         "request_id=client-42 endpoint=chat status=200 outcome=ok mode=READ "
         "prefill=10.0.0.1:8100 dp_rank=1 decode=10.0.0.2:8200 attempts=2 stream=yes "
-        "chunks=9 prefill_s=0.0200 decode_first_byte_s=0.0300 ttft_s=0.1000 total_s=0.5000"
+        "chunks=9 prefill_s=0.02 decode_first_byte_s=0.03 ttft_s=0.1 total_s=0.5"
     )
 
 

@@ -60,17 +60,41 @@ def test_a_phase_the_request_never_reached_is_not_observed():
         assert sample(metrics, name + "_count", **labels) in (None, 0), name
 
 
-def test_chunk_gaps_are_observed_under_endpoint_and_mode():
+def test_a_streams_gaps_reach_the_histogram_when_it_ends():
     metrics = Metrics()
-    gap = metrics.chunk_gap("completions", "WRITE")
-    assert metrics.chunk_gap("completions", "WRITE") is gap  # cached for the hot path
-    for seconds in (0.01, 0.02, 0.5):
-        gap.observe(seconds)
+    gaps = metrics.chunk_gaps("completions", "WRITE")
+    for seconds in (0.01, 0.02, 0.5, 0.001, 1000.0):
+        gaps.add(seconds)
     labels = {"endpoint": "completions", "mode": "WRITE"}
-    assert sample(metrics, "moriio_proxy_stream_chunk_gap_seconds_count", **labels) == 3
-    assert (
-        sample(metrics, "moriio_proxy_stream_chunk_gap_seconds_bucket", **labels, le="0.025") == 2
-    )
+    name = "moriio_proxy_stream_chunk_gap_seconds"
+    assert sample(metrics, name + "_count", **labels) == 0  # nothing until the end
+    gaps.flush()
+    gaps.flush()  # a second flush adds nothing
+    assert sample(metrics, name + "_count", **labels) == 5
+    assert sample(metrics, name + "_sum", **labels) == pytest.approx(1000.531)
+    assert sample(metrics, name + "_bucket", **labels, le="0.001") == 1  # le is inclusive
+    assert sample(metrics, name + "_bucket", **labels, le="0.01") == 2
+    assert sample(metrics, name + "_bucket", **labels, le="0.025") == 3
+    assert sample(metrics, name + "_bucket", **labels, le="600.0") == 4
+    assert sample(metrics, name + "_bucket", **labels, le="+Inf") == 5
+
+
+def test_the_fast_observer_fills_the_same_buckets_as_prometheus_client():
+    fast, plain = Metrics(), Metrics()
+    values = [0.0, 0.001, 0.0011, 0.0025, 0.3, 1.0, 2.5, 59.9, 600.0, 601.0]
+    for value in values:
+        record = finished()
+        record.prefill_seconds = value
+        fast.observe(record)
+        plain.prefill_seconds.labels("chat", "READ", "ok").observe(value)
+
+    def counts(metrics: Metrics) -> list[tuple[str, dict, float]]:
+        family = metrics.prefill_seconds.collect()
+        return [(s.name, s.labels, s.value) for m in family for s in m.samples
+                if not s.name.endswith("_created")]  # fmt: skip
+
+    assert counts(fast) == counts(plain)
+    assert len(counts(fast)) == 21  # 19 buckets (+Inf too), the count and the sum
 
 
 def test_instance_errors_count_per_address_and_leave_with_the_instance():
