@@ -132,9 +132,10 @@ class Disaggregator:
     def _account(self, failure: LegFailure) -> None:
         error, entry = failure.error, failure.entry
         self.metrics.upstream_errors.labels(failure.leg, error.kind).inc()
-        self.metrics.count_instance_error(
-            entry.instance.role, entry.instance.http_address, error.kind
-        )
+        if _retryable(error):  # an engine's 4xx judges the request, not the instance
+            self.metrics.count_instance_error(
+                entry.instance.role, entry.instance.http_address, error.kind
+            )
         log.warning(
             "%s leg to %s failed (%s): %s",
             failure.leg,

@@ -37,13 +37,15 @@ def metrics(url: str) -> dict[str, float]:
 
 
 def _buckets(samples: dict[str, float], name: str) -> list[tuple[float, float]]:
-    rows = []
+    """The histogram's cumulative buckets summed over its label sets (endpoint, mode,
+    outcome), by upper bound."""
+    rows: dict[float, float] = {}
     for key, value in samples.items():
         if key.startswith(name + "_bucket"):
             le = _LE.search(key)
             if le:
-                rows.append((float(le[1]), value))
-    return sorted(rows)
+                rows[float(le[1])] = rows.get(float(le[1]), 0.0) + value
+    return sorted(rows.items())
 
 
 def quantiles(

@@ -109,6 +109,23 @@ async def test_a_failed_attempt_counts_against_its_instance_until_it_is_evicted(
         assert f'address="{good.http_address}"' in scraped  # the gauge of the live one
 
 
+async def test_an_engines_4xx_is_the_requests_fault_not_the_instances(
+    http: aiohttp.ClientSession,
+):
+    async with running_proxy() as proxy:
+        await proxy.add_sim("P")
+        decode = await proxy.add_sim("D", faults=SimFaults(status=400))
+        await proxy.wait_registered(1, 1)
+        assert (await ask(http, proxy, False))[0] == 400
+        failed = {"endpoint": "completions", "mode": "READ", "outcome": "error_400"}
+        assert value(proxy, "moriio_proxy_request_seconds_count", **failed) == 1
+        assert value(proxy, "moriio_proxy_prefill_seconds_count", **failed) == 1
+        assert value(proxy, "moriio_proxy_first_byte_seconds_count", **failed) == 0
+        assert value(proxy, "moriio_proxy_upstream_errors_total", leg="decode", kind="status") == 1
+        assert "moriio_proxy_instance_errors_total{" not in proxy.state.metrics.render().decode()
+        assert decode.stats.requests == 1
+
+
 @pytest.mark.parametrize("fmt", ["text", "json"])
 async def test_one_access_log_line_per_request_without_prompt_or_internal_id(
     fmt: str, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
