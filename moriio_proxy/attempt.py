@@ -99,6 +99,7 @@ class Attempts:
             pair.rank,
             d.http_address,
         )
+        record.prefill_seconds = record.decode_first_byte = None  # this attempt's, not the last
         trace = record.trace
         if trace is not None:
             trace.attempt(record.attempts, record)
@@ -109,9 +110,6 @@ class Attempts:
         prefill_leg = build_prefill_leg(
             request, p, d, transfer_id=transfer_id, request_id=request_id, dp_rank=pair.rank
         )
-
-        async def run_prefill() -> dict[str, Any]:
-            return await self._prefill(pair, prefill_leg, record)
 
         def decode_leg(params: dict[str, Any] | None) -> Any:
             return build_decode_leg(
@@ -126,7 +124,7 @@ class Attempts:
             )
 
         if mode == "READ":
-            payload = await run_prefill()
+            payload = await self._prefill(pair, prefill_leg, record)
             params = self._usable_params(payload, request, p, transfer_id, mode)
             if params is None:
                 return self._prefill_answer(payload, request, scrub)
@@ -135,8 +133,8 @@ class Attempts:
             return await self._decode(
                 request, pair, decode_leg(params), scrub, deadline, record, deliver=True
             )
-        leg = decode_leg(None)
-        return await self._write(request, pair, run_prefill, leg, scrub, deadline, record)
+        legs = (prefill_leg, decode_leg(None))
+        return await self._write(request, pair, legs, scrub, deadline, record)
 
     async def _prefill(self, pair: Pair, leg: Leg, record: RequestRecord) -> dict[str, Any]:
         """The prefill leg; its duration goes into ``record`` whether it worked or not."""
@@ -163,15 +161,17 @@ class Attempts:
         self,
         request: ClientRequest,
         pair: Pair,
-        run_prefill: Callable[[], Any],
-        leg: Leg,
+        legs: tuple[Leg, Leg],
         scrub: Scrubber,
         deadline: float,
         record: RequestRecord,
     ) -> JsonAnswer | StreamAnswer:
-        """Both legs at once; the answer waits for prefill's verdict before any byte."""
-        p_task: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(run_prefill())
-        d_task = asyncio.ensure_future(self._decode(request, pair, leg, scrub, deadline, record))
+        """Both legs (prefill, decode) at once; the answer waits for prefill's verdict
+        before any byte."""
+        p_task = asyncio.ensure_future(self._prefill(pair, legs[0], record))
+        d_task = asyncio.ensure_future(
+            self._decode(request, pair, legs[1], scrub, deadline, record)
+        )
         answer: JsonAnswer | StreamAnswer | None = None
         try:
             while not p_task.done():
