@@ -37,14 +37,14 @@ def handshakes_completed(port: int, count: int, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
             for key, _ in selector.select(timeout=0.1):
-                client = key.fileobj
-                assert isinstance(client, socket.socket)
-                selector.unregister(client)
-                pending.discard(client)
-                if client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                    done.append(client)
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
+                selector.unregister(ready)
+                pending.discard(ready)
+                if ready.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    done.append(ready)
                 else:
-                    client.close()
+                    ready.close()
         return len(done)
     finally:
         for client in [*pending, *done]:
