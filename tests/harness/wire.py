@@ -49,6 +49,16 @@ P1 = Instance(
     transfer_mode="WRITE",
 )
 
+# P's heartbeat as vLLM 0.32 sends it (docs/protocol.md §2.1): registration makes it P.
+P_HEARTBEAT = {
+    "type": "P",
+    "http_address": "10.0.0.1:20005",
+    "zmq_address": "host:10.0.0.1,handshake:6301,notify:61005",
+    "dp_size": 8,
+    "tp_size": 2,
+    "transfer_mode": "READ",
+}
+
 # What vLLM 0.32's producer returns (docs/protocol.md §5.2): nested block ids, string ports.
 P_RETURNED = {
     "do_remote_prefill": True,

@@ -6,22 +6,13 @@ from moriio_proxy.protocol import (
     parse_client_request,
     parse_registration,
 )
-from tests.harness.wire import D, completion_body, prefill
-
-GEN2 = {
-    "type": "P",
-    "http_address": "10.0.0.1:20005",
-    "zmq_address": "host:10.0.0.1,handshake:6301,notify:61005",
-    "dp_size": 8,
-    "tp_size": 2,
-    "transfer_mode": "READ",
-}
+from tests.harness.wire import P_HEARTBEAT, D, completion_body, prefill
 
 
 def test_ipv6_http_address_is_bracketed_for_urls():
     instance = parse_registration(
         {
-            **GEN2,
+            **P_HEARTBEAT,
             "http_address": "::1:20005",
             "zmq_address": "host:::1,handshake:6301,notify:61005",
         }

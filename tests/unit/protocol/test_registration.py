@@ -10,16 +10,10 @@ from moriio_proxy.protocol import (
     RegistrationError,
     parse_registration,
 )
-from tests.harness.wire import D, P
+from tests.harness.wire import P_HEARTBEAT, D, P
 
-GEN2 = {
-    "type": "P",
-    "http_address": "10.0.0.1:20005",
-    "zmq_address": "host:10.0.0.1,handshake:6301,notify:61005",
-    "dp_size": 8,
-    "tp_size": 2,
-    "transfer_mode": "READ",
-}
+# The two registration shapes: vLLM 0.32/0.33's heartbeat and the older "register".
+GEN2 = P_HEARTBEAT
 GEN1 = {
     "type": "register",
     "role": "P",
