@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import msgpack
 
+from moriio_proxy.admin.actions import parse_action
 from moriio_proxy.discovery.mirror import (
     Acknowledgements,
+    MirrorSource,
     apply_snapshot,
     encode_snapshot,
     fleet_inflight_of,
     local_inflight,
     sum_reports,
 )
+from moriio_proxy.metrics import Metrics
 from moriio_proxy.protocol import Instance
 from moriio_proxy.registry import Registry
 from tests.harness.clock import ManualClock
@@ -150,3 +153,21 @@ def test_a_forwarded_action_is_applied_and_acknowledged_in_the_snapshots():
     for n in range(100):  # only the latest are repeated
         acks.apply({"id": f"x{n}", "action": "undrain", "body": {}})
     assert len(acks.recent) == 64 and "a1" not in acks.recent and "x99" in acks.recent
+
+
+async def test_a_worker_cut_off_from_its_supervisor_says_the_action_is_unconfirmed():
+    source = MirrorSource(
+        Registry(10.0),
+        Metrics(),
+        snapshots="ipc:///nonexistent/s",
+        reports="ipc:///nonexistent/r",
+        worker=0,
+        on_orphaned=lambda: None,
+    )
+    action = parse_action("drain", {"role": "D", "http_address": "10.0.0.2:40005"})
+    outcome = await source.administer(action)  # never started: no socket to forward on
+    assert outcome.status == 503
+    assert outcome.message == (
+        "the supervisor did not confirm within 5s; the action may still apply: see "
+        "GET /admin/instances"
+    )
