@@ -20,6 +20,7 @@ import aiohttp
 from ..check.probes import normalize_url
 from ..protocol import ROLES, TRANSFER_MODES
 from ..views import AdminInstances, InstanceView, ViewError
+from .profile import DEFAULT_TIMEOUT as PROFILE_TIMEOUT
 
 TOKEN_ENV = "MORIIO_PROXY_ADMIN_TOKEN"
 DEFAULT_TIMEOUT = 30.0
@@ -53,9 +54,9 @@ def add_parser(
     parser.add_argument(
         "--timeout",
         type=_positive,
-        default=DEFAULT_TIMEOUT,
-        help=f"seconds allowed for the call (default: {DEFAULT_TIMEOUT:g}; profiling waits "
-        "on every instance: raise it for long traces)",
+        default=None,
+        help=f"seconds allowed for an action (default: {DEFAULT_TIMEOUT:g}), or for each "
+        f"instance's answer to a profiler call ({PROFILE_TIMEOUT:g}: writing traces is slow)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the proxy's JSON answer instead of a line"
@@ -145,8 +146,13 @@ def main(args: argparse.Namespace) -> int:
         return 2
     method, path, body = request_for(args)
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    wait = args.timeout or DEFAULT_TIMEOUT
+    if args.action in ("start-profile", "stop-profile"):
+        wait = args.timeout or PROFILE_TIMEOUT
+        path += f"?timeout={wait:g}"
+        wait += 10.0  # the proxy's own answer comes after the slowest instance's
     try:
-        status, answer = asyncio.run(_call(url + path, method, body, token, args.timeout))
+        status, answer = asyncio.run(_call(url + path, method, body, token, wait))
         if args.json:
             print(json.dumps(answer, indent=2))
         elif status < 400:

@@ -18,8 +18,10 @@ import aiohttp
 from ..registry import Entry
 from ..upstream import Upstream
 
-# vLLM writes its traces when the profiler stops, which takes long for a big run.
-DEFAULT_TIMEOUT = 300.0
+# vLLM writes its traces when the profiler stops: minutes for a big run (vLLM's docs speak
+# of ten for a hundred requests of a 70B model).
+DEFAULT_TIMEOUT = 900.0
+MAX_TIMEOUT = 3600.0
 _ERROR_CHARS = 300  # of an instance's error answer, quoted in the result
 
 

@@ -21,7 +21,7 @@ from ..registry import Entry
 from ..state import ProxyState
 from ..views import AdminInstances, InstanceState, InstanceView
 from .actions import ActionError, parse_action
-from .profile import DEFAULT_TIMEOUT, fan_out
+from .profile import DEFAULT_TIMEOUT, MAX_TIMEOUT, fan_out
 
 
 def add_admin_routes(app: Quart, proxy: ProxyState) -> None:
@@ -51,8 +51,8 @@ def add_admin_routes(app: Quart, proxy: ProxyState) -> None:
             timeout = float(request.args.get("timeout", DEFAULT_TIMEOUT))
         except ValueError:
             timeout = -1.0
-        if not 0 < timeout <= 3600:
-            message = "timeout must be a number of seconds above 0 and at most 3600"
+        if not 0 < timeout <= MAX_TIMEOUT:
+            message = f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT:g}"
             return _json(error_body(message, 400), 400)
         # Prefills first, then decodes, each by address: the order an operator scans.
         entries = sorted(

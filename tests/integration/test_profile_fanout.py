@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import aiohttp
@@ -70,6 +71,37 @@ async def test_one_failing_instance_makes_it_a_502_with_the_detail(
         dead = by_address[f"127.0.0.1:{dead_port}"]
         assert dead["status"] is None and "ClientConnectorError" in dead["error"]
         assert prefill.stats.profiling  # the others were still started
+
+
+async def test_an_instance_that_does_not_answer_in_time_is_reported(http: aiohttp.ClientSession):
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)  # takes the request, never answers...
+        await reader.read()  # ...until the proxy gives up and closes the connection
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with running_proxy() as proxy:
+            prefill = await proxy.add_sim("P", profiler=True)
+            await proxy.wait_registered(1, 0)
+            entry = proxy.state.registry.get(("P", prefill.http_address))
+            assert entry is not None
+            hung = replace(entry.instance, role="D", http_address=f"127.0.0.1:{port}")
+            proxy.state.registry.upsert(hung, static=True)
+            async with http.post(proxy.url + "/stop_profile?timeout=0.5") as resp:
+                assert resp.status == 502
+                answer = await resp.json()
+            assert answer["instances"][1] == {
+                "role": "D",
+                "http_address": f"127.0.0.1:{port}",
+                "status": None,
+                "error": "no answer within 0.5s",
+            }
+            assert answer["instances"][0]["error"] is None
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_profiling_with_nothing_registered_or_a_bad_timeout_is_refused(
