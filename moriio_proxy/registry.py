@@ -159,8 +159,16 @@ class Registry:
         it into a full outage, so they are all tried again (Envoy's "panic" mode). A drain
         is an operator's decision, not a symptom, so no panic brings a draining one back.
         """
-        live = [e for e in self.healthy(role) if not e.draining]
+        # healthy()'s test and the drain in one pass: this runs twice per request.
         now = self._clock()
+        deadline = now - self.ttl
+        live = [
+            e
+            for e in self._entries.values()
+            if e.instance.role == role
+            and not e.draining
+            and (e.static or e.last_seen >= deadline)
+        ]
         usable = [e for e in live if e.ejected_until <= now]
         return usable or live
 
