@@ -165,9 +165,7 @@ class Registry:
         live = [
             e
             for e in self._entries.values()
-            if e.instance.role == role
-            and not e.draining
-            and (e.static or e.last_seen >= deadline)
+            if e.instance.role == role and not e.draining and (e.static or e.last_seen >= deadline)
         ]
         usable = [e for e in live if e.ejected_until <= now]
         return usable or live
