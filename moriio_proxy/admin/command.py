@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from ..check.command import positive
 from ..check.probes import normalize_url
 from ..protocol import ROLES, TRANSFER_MODES
 from ..views import AdminInstances, InstanceView, ViewError
@@ -53,7 +54,7 @@ def add_parser(
     )
     parser.add_argument(
         "--timeout",
-        type=_positive,
+        type=positive(float),
         default=None,
         help=f"seconds allowed for an action (default: {DEFAULT_TIMEOUT:g}), or for each "
         f"instance's answer to a profiler call ({PROFILE_TIMEOUT:g}: writing traces is slow)",
@@ -79,7 +80,7 @@ def add_parser(
         if name == "eject":
             action.add_argument(
                 "--seconds",
-                type=_positive,
+                type=positive(float),
                 default=None,
                 help="how long (default: the proxy's --eject-seconds)",
             )
@@ -125,16 +126,6 @@ def _add_add(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     add.add_argument("--dp-size", type=int, default=1, help="its data-parallel size (default: 1)")
     add.add_argument("--tp-size", type=int, default=1, help="its tensor-parallel size (default: 1)")
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
 
 
 def main(args: argparse.Namespace) -> int:
