@@ -25,6 +25,10 @@ from .profile import DEFAULT_TIMEOUT as PROFILE_TIMEOUT
 
 TOKEN_ENV = "MORIIO_PROXY_ADMIN_TOKEN"
 DEFAULT_TIMEOUT = 30.0
+# drain --wait: how long the instance must show nothing in flight. Under serve --workers N
+# the workers report their legs once a second, so a moment's zero is not proof.
+QUIET_SECONDS = 2.5
+_POLL_SECONDS = 0.5
 _PROG = "moriio-proxy admin"
 
 
@@ -77,6 +81,15 @@ def add_parser(
     ):
         action = actions.add_parser(name, help=summary, description=summary)
         _add_target(action)
+        if name == "drain":
+            action.add_argument(
+                "--wait",
+                type=positive(float),
+                metavar="SECONDS",
+                default=None,
+                help="then wait, up to SECONDS, until nothing is in flight on it for "
+                f"{QUIET_SECONDS:g}s in a row (exit 1 if it is still busy; it stays draining)",
+            )
         if name == "eject":
             action.add_argument(
                 "--seconds",
@@ -150,6 +163,11 @@ def main(args: argparse.Namespace) -> int:
             print(render(args.action, answer))
         if status >= 400:
             raise Refused(_failure(status, answer))
+        if args.action == "drain" and args.wait is not None:
+            key = (args.role, args.http_address)
+            idle = asyncio.run(_until_idle(url, key, token, args.wait))
+            if not args.json:  # the exit status says it to a script
+                print(idle, flush=True)
     except Refused as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 1
@@ -200,6 +218,36 @@ async def _call(
         if status >= 400:
             raise Refused(f"HTTP {status}: {' '.join(text.split())[:200]}") from None
         raise Refused(f"{url} did not answer JSON; is it a moriio-proxy?") from None
+
+
+async def _until_idle(url: str, key: tuple[str, str], token: str | None, seconds: float) -> str:
+    """Poll ``/admin/instances`` until the instance has had nothing in flight for
+    QUIET_SECONDS (or is gone); Refused when ``seconds`` pass first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    quiet_since: float | None = None
+    named = f"{key[0]} instance {key[1]}"
+    while True:
+        status, answer = await _call(url + "/admin/instances", "GET", None, token, DEFAULT_TIMEOUT)
+        if status >= 400:
+            raise Refused(_failure(status, answer))
+        try:
+            listing = AdminInstances.from_json(answer)
+        except ViewError as exc:
+            raise Refused(f"the answer of /admin/instances is malformed: {exc}") from None
+        view = next((v for v in listing.instances if (v.role, v.http_address) == key), None)
+        if view is None:
+            return f"{named} is no longer registered"
+        now = loop.time()
+        quiet_since = None if view.inflight else (now if quiet_since is None else quiet_since)
+        if quiet_since is not None and now - quiet_since >= QUIET_SECONDS:
+            return f"nothing in flight on {named}"
+        if now >= deadline and quiet_since is None:
+            raise Refused(
+                f"{view.inflight} request(s) still in flight on {named} after {seconds:g}s; "
+                "it stays draining"
+            )
+        await asyncio.sleep(_POLL_SECONDS)
 
 
 def _failure(status: int, answer: Any) -> str:

@@ -8,9 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
-from tests.harness import running_proxy
+from tests.harness import eventually, running_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,3 +106,37 @@ async def test_the_token_is_sent_as_a_bearer_header_from_the_flag_or_the_environ
     assert (code, out) == (1, "")
     assert err.startswith(f"moriio-proxy admin: error: http://127.0.0.1:{dead_port}/admin/")
     assert err.count("\n") == 1
+
+
+async def test_drain_wait_returns_once_the_instance_is_idle_or_says_it_is_still_busy():
+    async with running_proxy() as proxy:
+        await proxy.add_sim("P")
+        decode = await proxy.add_sim("D", token_latency=0.5)
+        await proxy.wait_registered(1, 1)
+        address = decode.http_address
+
+        async def slow_request(max_tokens: int) -> int:
+            body = {"model": "sim-model", "prompt": "slow", "max_tokens": max_tokens}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(proxy.url + "/v1/completions", json=body) as resp,
+            ):
+                await resp.read()
+                return resp.status
+
+        entry = proxy.state.registry.get(("D", address))
+        assert entry is not None
+        busy = asyncio.ensure_future(slow_request(200))  # busy until the test speeds it up
+        await eventually(lambda: entry.total_inflight == 1, what="the request on the decode")
+        code, out, err = await admin(proxy.url, "drain", "D", address, "--wait", "0.5")
+        assert code == 1  # still busy: the drain holds, the command says so
+        assert out == f"draining D instance {address}: no new requests; those in flight finish\n"
+        assert err == (
+            f"moriio-proxy admin: error: 1 request(s) still in flight on D instance {address} "
+            "after 0.5s; it stays draining\n"
+        )
+        decode.config.token_latency = 0.001  # the simulator reads it token by token
+        code, out, err = await admin(proxy.url, "drain", "D", address, "--wait", "120")
+        assert (code, err) == (0, "")
+        assert out.splitlines()[-1] == f"nothing in flight on D instance {address}"
+        assert busy.done() and busy.result() == 200  # it finished before the command did
