@@ -471,9 +471,16 @@ def ready(answer: Answer) -> CheckResult:
         mode = answer.body.get("transfer_mode") if isinstance(answer.body, dict) else None
         return ok("ready", f"/ready 200 ({mode} mode)")
     reason = said(answer.body) if answer.body else answer.describe()
+    if reason.endswith("instance is draining"):  # an operator's drain, not a fault
+        return warn(
+            "ready",
+            f"/ready: {answer.describe()}",
+            "an operator drained every instance of a role; undrain one "
+            "(moriio-proxy admin URL undrain ROLE HOST:PORT) or start another",
+        )
     hint = (
         "the proxy is shutting down (SIGTERM); wait for its replacement"
-        if "draining" in reason
+        if reason == "draining"
         else "/ready turns 200 once a prefill and a decode are registered: see the "
         "prefill/decode lines above"
     )

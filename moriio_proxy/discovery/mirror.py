@@ -245,8 +245,8 @@ class MirrorSource(DiscoverySource):
         """Forward ``action`` to the supervisor, whose registry every worker mirrors, and
         answer once a snapshot acknowledging it has been applied here."""
         key = uuid.uuid4().hex
-        message = {"worker": self.worker, "admin": {"id": key, "action": action.name,
-                                                    "body": dict(action.body)}}  # fmt: skip
+        forwarded = {"id": key, "action": action.name, "body": dict(action.body)}
+        message = {"worker": self.worker, "admin": forwarded}
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:

@@ -463,6 +463,14 @@ def test_not_ready_because_draining() -> None:
     assert "shutting down" in result.hint
 
 
+def test_not_ready_because_an_operator_drained_every_decode() -> None:
+    reason = "every decode instance is draining"
+    result = verdicts.ready(answer(503, {"status": "not ready", "reason": reason}))
+    assert result.status == "WARN"
+    assert result.message == f"/ready: HTTP 503: {reason}"
+    assert "moriio-proxy admin URL undrain" in result.hint
+
+
 def test_not_ready_for_lack_of_instances() -> None:
     reason = "no decode instance registered"
     result = verdicts.ready(answer(503, {"status": "not ready", "reason": reason}))
