@@ -43,21 +43,34 @@ async def admin(
 
 
 class Traffic:
-    """Clients sending streamed completions one after another until stopped; every answer
-    is checked, so a request lost or garbled fails the test."""
+    """Clients sending streamed completions one after another while the block runs; every
+    answer is checked, so a request lost or garbled fails the test when the block ends."""
 
     def __init__(self, http: aiohttp.ClientSession, url: str, clients: int = 4) -> None:
+        self.clients = clients
         self.done = 0
         self.failures: list[str] = []
+        self._http = http
+        self._url = url
         self._stop = asyncio.Event()
-        self._tasks = [asyncio.ensure_future(self._client(http, url, n)) for n in range(clients)]
+        self._tasks: list[asyncio.Future[None]] = []
 
-    async def _client(self, http: aiohttp.ClientSession, url: str, n: int) -> None:
+    async def __aenter__(self) -> Traffic:
+        self._tasks = [asyncio.ensure_future(self._client(n)) for n in range(self.clients)]
+        return self
+
+    async def __aexit__(self, kind: object, *_: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        if kind is None:
+            assert self.failures == []
+
+    async def _client(self, n: int) -> None:
         i = 0
         while not self._stop.is_set():
             prompt = f"client {n} request {i}"
             try:
-                text = await complete(http, url, prompt)
+                text = await complete(self._http, self._url, prompt)
                 if text != expected_text(prompt, MAX_TOKENS):
                     self.failures.append(f"{prompt}: {text!r}")
             except (AssertionError, aiohttp.ClientError) as exc:
@@ -66,14 +79,10 @@ class Traffic:
             i += 1
 
     async def more(self, n: int) -> None:
-        """Until ``n`` more requests have finished."""
+        """Until ``n`` more requests have finished. The requests being alike, twice
+        ``clients`` of them outlast every request that was running when this began."""
         target = self.done + n
         await eventually(lambda: self.done >= target, what=f"{n} more requests")
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.gather(*self._tasks)
-        assert self.failures == []
 
 
 @contextlib.asynccontextmanager
@@ -96,8 +105,7 @@ def inflight(proxy: RunningProxy, sim: SimInstance) -> int:
 
 
 async def test_drain_with_traffic_running_loses_no_request(http: aiohttp.ClientSession):
-    async with two_decodes() as (proxy, d1, d2):
-        traffic = Traffic(http, proxy.url)
+    async with two_decodes() as (proxy, d1, d2), Traffic(http, proxy.url) as traffic:
         await eventually(lambda: inflight(proxy, d1) > 0, what="requests in flight on D1")
         status, answer = await admin(
             http, proxy.url, "drain", role="D", http_address=d1.http_address
@@ -108,10 +116,12 @@ async def test_drain_with_traffic_running_loses_no_request(http: aiohttp.ClientS
         )
         assert answer["instance"]["state"] == "draining"
         assert answer["instance"]["inflight"] > 0  # still running, and they will finish
+        await traffic.more(2 * traffic.clients)  # those paired with D1 before the drain too
         await eventually(lambda: inflight(proxy, d1) == 0, what="D1's requests finished")
         before = decodes(d1), decodes(d2)
         await traffic.more(12)
-        assert decodes(d1) == before[0] and decodes(d2) >= before[1] + 12
+        # Of the 12, those that were running when it began had their decode leg already.
+        assert decodes(d1) == before[0] and decodes(d2) >= before[1] + 12 - traffic.clients
         async with http.get(proxy.url + "/admin/instances") as resp:
             states = {i["http_address"]: i["state"] for i in (await resp.json())["instances"]}
         assert states[d1.http_address] == "draining" and states[d2.http_address] == "healthy"
@@ -121,12 +131,10 @@ async def test_drain_with_traffic_running_loses_no_request(http: aiohttp.ClientS
         )
         assert (status, answer["instance"]["state"]) == (200, "healthy")
         await eventually(lambda: decodes(d1) > before[0], what="D1 serving again")
-        await traffic.stop()
 
 
 async def test_remove_with_traffic_running_loses_no_request(http: aiohttp.ClientSession):
-    async with two_decodes() as (proxy, d1, _):
-        traffic = Traffic(http, proxy.url)
+    async with two_decodes() as (proxy, d1, _), Traffic(http, proxy.url) as traffic:
         await eventually(lambda: inflight(proxy, d1) > 0, what="requests in flight on D1")
         d1.heartbeating = False  # so that it stays forgotten until the test says
         status, answer = await admin(
@@ -135,15 +143,14 @@ async def test_remove_with_traffic_running_loses_no_request(http: aiohttp.Client
         assert (status, answer["instance"]) == (200, None)
         assert answer["message"].endswith("if it still sends heartbeats, it registers again")
         assert proxy.state.registry.get(("D", d1.http_address)) is None
-        await traffic.more(12)
+        await traffic.more(2 * traffic.clients)  # those paired with D1 before it went
         served = decodes(d1)
-        await traffic.more(8)
+        await traffic.more(12)
         assert decodes(d1) == served
 
         d1.heartbeating = True  # a live instance comes back by itself
         await eventually(lambda: proxy.state.registry.get(("D", d1.http_address)) is not None)
         await eventually(lambda: decodes(d1) > served, what="D1 serving again")
-        await traffic.stop()
 
 
 async def test_eject_for_some_seconds(http: aiohttp.ClientSession):
