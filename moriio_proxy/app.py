@@ -1,5 +1,6 @@
-"""The Quart app: health, readiness, metrics, admin and model-list routes, startup and
-shutdown, with the generation routes mounted in front of it (completions.py).
+"""The Quart app: health, readiness, metrics and model-list routes (the admin and profiler
+routes come from admin/routes.py), startup and shutdown, with the generation routes
+mounted in front of it (completions.py).
 
 ``create_app(config)`` builds everything a request needs as objects owned by the app (no
 module-level state), so tests build as many independent proxies as they like in-process.
@@ -18,13 +19,13 @@ from typing import TYPE_CHECKING, Any, cast
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
+from .admin.routes import add_admin_routes
 from .completions import ASGIApp, CompletionsEndpoint
 from .config import ProxyConfig
 from .disagg import Disaggregator
 from .discovery import DiscoverySource, make_discovery
 from .discovery.mirror import fleet_inflight_of
 from .metrics import CONTENT_TYPE, InstanceLoad, Metrics
-from .pairing import unpaired_reason
 from .policies import LoadBound, PolicySettings, make_decode_policy, make_prefill_policy
 from .protocol import error_body
 from .registry import Entry, Registry
@@ -37,7 +38,6 @@ from .state import (
 )
 from .upstream import UpstreamError
 from .version_probe import VersionProbe
-from .views import AdminInstances, InstanceState, InstanceView
 
 if TYPE_CHECKING:
     from .tracing import Tracing
@@ -137,11 +137,7 @@ def create_app(
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), 200, content_type=CONTENT_TYPE)
 
-    @app.get("/admin/instances")
-    async def admin_instances() -> Response:
-        live = {role: registry.healthy(role) for role in ("P", "D")}
-        described = tuple(_describe(proxy, e, live) for e in registry.entries())
-        return _json(AdminInstances(registry.mode, described).to_json())
+    add_admin_routes(app, proxy)
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
@@ -190,37 +186,3 @@ def _load(entry: Entry) -> InstanceLoad:
     """An instance for the scrape-time gauges; in flight: every worker's legs."""
     inst = entry.instance
     return InstanceLoad(inst.role, inst.http_address, sum(fleet_inflight_of(entry)))
-
-
-def _describe(proxy: ProxyState, entry: Entry, live: dict[str, list[Entry]]) -> InstanceView:
-    """One instance for /admin/instances; ``live`` holds the healthy instances by role,
-    the peers it is judged against for pairing."""
-    registry = proxy.registry
-    inst = entry.instance
-    peers = live["D" if inst.role == "P" else "P"]
-    silence = registry.silence(entry)
-    inflight = fleet_inflight_of(entry)  # every worker's legs under serve --workers N
-    condition: InstanceState = (
-        "ejected"
-        if registry.is_ejected(entry)
-        else "healthy"
-        if entry.static or silence <= registry.ttl
-        else "stale"
-    )
-    return InstanceView(
-        role=inst.role,
-        http_address=inst.http_address,
-        zmq_address=inst.zmq_address,
-        transfer_mode=inst.transfer_mode,
-        dp_size=inst.dp_size,
-        tp_size=inst.tp_size,
-        static=entry.static,
-        age_seconds=round(registry.age(entry), 3),
-        seconds_since_heartbeat=None if entry.static else round(silence, 3),
-        state=condition,
-        consecutive_failures=entry.failures,
-        inflight=sum(inflight),
-        inflight_by_dp_rank=inflight[: inst.dp_size],
-        vllm_version=entry.vllm_version,
-        unpaired=unpaired_reason(entry, peers, registry.mode or inst.transfer_mode),
-    )

@@ -144,14 +144,14 @@ class Metrics:
             registry=r,
         )
         self.request_seconds = Histogram(
-            "moriio_proxy_request_seconds",
+            "moriio_proxy_request_duration_seconds",
             "Time from a request's arrival to its last byte",
             _PHASE_LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.first_byte_seconds = Histogram(
-            "moriio_proxy_first_byte_seconds",
+            "moriio_proxy_time_to_first_token_seconds",
             "Time from a request's arrival to the first byte sent to the client (a stream's "
             "time to first token; a whole answer's latency)",
             _PHASE_LABELS,
@@ -159,7 +159,7 @@ class Metrics:
             registry=r,
         )
         self.prefill_seconds = Histogram(
-            "moriio_proxy_prefill_seconds",
+            "moriio_proxy_prefill_duration_seconds",
             "Duration of the prefill leg of a request's last attempt",
             _PHASE_LABELS,
             buckets=_LATENCY_BUCKETS,
@@ -174,7 +174,7 @@ class Metrics:
             registry=r,
         )
         self.chunk_gap_seconds = Histogram(
-            "moriio_proxy_stream_chunk_gap_seconds",
+            "moriio_proxy_inter_chunk_seconds",
             "Time between consecutive writes of a stream to the client",
             ["endpoint", "mode"],
             buckets=_LATENCY_BUCKETS,

@@ -143,7 +143,11 @@ class ProxyState:
         """Why the proxy cannot serve a request now, or None when it can."""
         if self.draining:
             return "draining"
-        missing = [name for role, name in _ROLE_NAMES if not self.registry.healthy(role)]
+        live = {role: self.registry.healthy(role) for role, _ in _ROLE_NAMES}
+        missing = [name for role, name in _ROLE_NAMES if not live[role]]
         if missing:
             return f"no {' and no '.join(missing)} instance registered"
+        drained = [name for role, name in _ROLE_NAMES if all(e.draining for e in live[role])]
+        if drained:  # an operator drained every one: nothing new can be routed
+            return f"every {' and every '.join(drained)} instance is draining"
         return None

@@ -16,7 +16,7 @@ from collections.abc import Collection
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
 _LE = re.compile(r'le="([^"]+)"')
-HISTOGRAMS = ("moriio_proxy_prefill_seconds", "moriio_proxy_first_byte_seconds")
+HISTOGRAMS = ("moriio_proxy_prefill_duration_seconds", "moriio_proxy_time_to_first_token_seconds")
 COUNTERS = (
     "moriio_proxy_upstream_errors_total",
     "moriio_proxy_retries_total",

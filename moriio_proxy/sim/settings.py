@@ -214,6 +214,9 @@ class SimConfig:
     # "dense", "hybrid" (Mamba/KDA layers) or "sliding_window": only decides whether the
     # connector refuses to start (WRITE mode: 0.32 refuses both others, 0.33 sliding only).
     model_arch: str = "dense"
+    # vLLM serves POST /start_profile and /stop_profile only when started with a profiler
+    # configuration (--profiler-config); without one, both answer 404 as vLLM's do.
+    profiler: bool = False
 
     def validate(self) -> None:
         """Raise ValueError on a setting ``vllm serve`` would refuse (checked by SimInstance)."""
@@ -290,6 +293,7 @@ class SimStats:
     kv_load_failures: int = 0  # D, WRITE, 0.33: requests failed on a write_failed message
     blocks_reaped: int = 0  # P: held blocks freed by defer_timeout (nobody took the KV)
     write_failed_sent: int = 0  # P, WRITE, 0.33: write_failed messages sent to decode ranks
+    notify_listeners_died: int = 0  # D, 0.32: ranks whose notify listener a write_failed killed
     # The prefix cache, in tokens, as vLLM's vllm:prefix_cache_queries / _hits count them:
     # prompt tokens looked up and found, over engine requests that compute their prompt
     # (decode legs take theirs from P and are not counted). hits / queries is the hit rate.
@@ -301,6 +305,10 @@ class SimStats:
     # "stall_after_tokens" (per request, when they actually happen) and
     # "refuse_connections" (each time the listener is closed).
     faults_applied: dict[str, int] = field(default_factory=dict)
+    # The profiler (SimConfig.profiler): calls answered 200, and whether it runs now.
+    profiles_started: int = 0
+    profiles_stopped: int = 0
+    profiling: bool = False
 
 
 @dataclass

@@ -22,9 +22,9 @@ from tests.harness import RunningProxy, eventually, read_sse, running_proxy
 MODES = ["READ", "WRITE"]
 PROMPT = "observability prompt that must never be logged"
 PHASES = (
-    "moriio_proxy_request_seconds",
-    "moriio_proxy_first_byte_seconds",
-    "moriio_proxy_prefill_seconds",
+    "moriio_proxy_request_duration_seconds",
+    "moriio_proxy_time_to_first_token_seconds",
+    "moriio_proxy_prefill_duration_seconds",
     "moriio_proxy_decode_first_byte_seconds",
 )
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -66,11 +66,11 @@ async def test_every_phase_counts_each_request_once(mode: str, http: aiohttp.Cli
             assert value(proxy, name + "_count", **ok) == 5, name
         assert value(proxy, "moriio_proxy_stream_chunks_per_second_count", **ok) == 3
         gaps = value(
-            proxy, "moriio_proxy_stream_chunk_gap_seconds_count", endpoint="completions", mode=mode
+            proxy, "moriio_proxy_inter_chunk_seconds_count", endpoint="completions", mode=mode
         )
         # Five token events and [DONE] per stream: at most five gaps between writes each.
         assert 3 <= gaps <= 15
-        assert value(proxy, "moriio_proxy_request_seconds_sum", **ok) > 0
+        assert value(proxy, "moriio_proxy_request_duration_seconds_sum", **ok) > 0
 
 
 async def test_a_failed_attempt_counts_against_its_instance_until_it_is_evicted(
@@ -92,7 +92,7 @@ async def test_a_failed_attempt_counts_against_its_instance_until_it_is_evicted(
         )
         # The retried requests still count once each, as ok.
         ok = {"endpoint": "completions", "mode": "READ", "outcome": "ok"}
-        assert value(proxy, "moriio_proxy_request_seconds_count", **ok) == 4
+        assert value(proxy, "moriio_proxy_request_duration_seconds_count", **ok) == 4
         inflight = "moriio_proxy_instance_inflight"
         assert (
             proxy.state.metrics.registry.get_sample_value(
@@ -118,9 +118,9 @@ async def test_an_engines_4xx_is_the_requests_fault_not_the_instances(
         await proxy.wait_registered(1, 1)
         assert (await ask(http, proxy, False))[0] == 400
         failed = {"endpoint": "completions", "mode": "READ", "outcome": "error_400"}
-        assert value(proxy, "moriio_proxy_request_seconds_count", **failed) == 1
-        assert value(proxy, "moriio_proxy_prefill_seconds_count", **failed) == 1
-        assert value(proxy, "moriio_proxy_first_byte_seconds_count", **failed) == 0
+        assert value(proxy, "moriio_proxy_request_duration_seconds_count", **failed) == 1
+        assert value(proxy, "moriio_proxy_prefill_duration_seconds_count", **failed) == 1
+        assert value(proxy, "moriio_proxy_time_to_first_token_seconds_count", **failed) == 0
         assert value(proxy, "moriio_proxy_upstream_errors_total", leg="decode", kind="status") == 1
         assert "moriio_proxy_instance_errors_total{" not in proxy.state.metrics.render().decode()
         assert decode.stats.requests == 1

@@ -67,6 +67,14 @@ RULES: dict[str, tuple[tuple[str, ...], str]] = {
         (*_ASSEMBLY, *_REQUEST_PATH, "moriio_proxy.policies", "moriio_proxy.upstream"),
         "discovery feeds the registry and nothing else",
     ),
+    "moriio_proxy.admin.actions": (
+        (*_ASSEMBLY, *_REQUEST_PATH, "moriio_proxy.discovery", "moriio_proxy.upstream"),
+        "an operator's action changes the registry; discovery and the app call it",
+    ),
+    "moriio_proxy.admin.command": (
+        (*_ASSEMBLY, *_REQUEST_PATH, "moriio_proxy.registry", "moriio_proxy.discovery"),
+        "moriio-proxy admin is a client: it talks to a proxy over HTTP",
+    ),
     "moriio_proxy.check": (
         (*_ASSEMBLY, *_REQUEST_PATH, "moriio_proxy.registry", "moriio_proxy.discovery"),
         "check is a client: it reads a proxy over HTTP, sharing only the wire shapes",

@@ -8,9 +8,9 @@ from moriio_proxy.metrics import InstanceLoad, Metrics
 from moriio_proxy.record import RequestRecord
 
 PHASES = (
-    "moriio_proxy_request_seconds",
-    "moriio_proxy_first_byte_seconds",
-    "moriio_proxy_prefill_seconds",
+    "moriio_proxy_request_duration_seconds",
+    "moriio_proxy_time_to_first_token_seconds",
+    "moriio_proxy_prefill_duration_seconds",
     "moriio_proxy_decode_first_byte_seconds",
     "moriio_proxy_stream_chunks_per_second",
 )
@@ -38,15 +38,21 @@ def test_each_phase_is_observed_once_per_request_under_its_labels():
         assert sample(metrics, name + "_count", **labels) == 3, name
         assert sample(metrics, name + "_count", **{**labels, "outcome": "error_502"}) == 1
     ok = labels
-    assert sample(metrics, "moriio_proxy_request_seconds_sum", **ok) == pytest.approx(3 * 1.3)
-    assert sample(metrics, "moriio_proxy_first_byte_seconds_sum", **ok) == pytest.approx(0.9)
-    assert sample(metrics, "moriio_proxy_prefill_seconds_sum", **ok) == pytest.approx(0.012)
+    assert sample(metrics, "moriio_proxy_request_duration_seconds_sum", **ok) == pytest.approx(
+        3 * 1.3
+    )
+    assert sample(metrics, "moriio_proxy_time_to_first_token_seconds_sum", **ok) == pytest.approx(
+        0.9
+    )
+    assert sample(metrics, "moriio_proxy_prefill_duration_seconds_sum", **ok) == pytest.approx(
+        0.012
+    )
     assert sample(metrics, "moriio_proxy_decode_first_byte_seconds_sum", **ok) == pytest.approx(0.6)
     # 20 events after the first, over the second between the first and the last write.
     assert sample(metrics, "moriio_proxy_stream_chunks_per_second_sum", **ok) == pytest.approx(60)
     # The buckets start at 1 ms: a 4 ms prefill is above 2.5 ms and within 5 ms.
-    assert sample(metrics, "moriio_proxy_prefill_seconds_bucket", **ok, le="0.0025") == 0
-    assert sample(metrics, "moriio_proxy_prefill_seconds_bucket", **ok, le="0.005") == 3
+    assert sample(metrics, "moriio_proxy_prefill_duration_seconds_bucket", **ok, le="0.0025") == 0
+    assert sample(metrics, "moriio_proxy_prefill_duration_seconds_bucket", **ok, le="0.005") == 3
 
 
 def test_a_phase_the_request_never_reached_is_not_observed():
@@ -55,7 +61,7 @@ def test_a_phase_the_request_never_reached_is_not_observed():
     record.outcome, record.ended = "no_instances", 5.1
     metrics.observe(record)
     labels = {"endpoint": "completions", "mode": "none", "outcome": "no_instances"}
-    assert sample(metrics, "moriio_proxy_request_seconds_count", **labels) == 1
+    assert sample(metrics, "moriio_proxy_request_duration_seconds_count", **labels) == 1
     for name in PHASES[1:]:
         assert sample(metrics, name + "_count", **labels) in (None, 0), name
 
@@ -66,7 +72,7 @@ def test_a_streams_gaps_reach_the_histogram_when_it_ends():
     for seconds in (0.01, 0.02, 0.5, 0.001, 1000.0):
         gaps.add(seconds)
     labels = {"endpoint": "completions", "mode": "WRITE"}
-    name = "moriio_proxy_stream_chunk_gap_seconds"
+    name = "moriio_proxy_inter_chunk_seconds"
     assert sample(metrics, name + "_count", **labels) == 0  # nothing until the end
     gaps.flush()
     gaps.flush()  # a second flush adds nothing
