@@ -28,6 +28,7 @@ from .pairing import unpaired_reason
 from .policies import LoadBound, PolicySettings, make_decode_policy, make_prefill_policy
 from .protocol import error_body
 from .registry import Entry, Registry
+from .security import AccessGuard, KeyLimits, KeyRing
 from .state import ProxyState, build_registry, build_upstream
 from .upstream import UpstreamError
 from .version_probe import VersionProbe
@@ -82,15 +83,27 @@ def create_app(
     # Only the source of truth asks instances for their version; a worker's mirror is
     # told by the supervisor.
     versions = VersionProbe(registry, upstream) if source.announce else None
-    proxy = ProxyState(config, registry, metrics, upstream, source, disagg, versions)
+    keys = KeyRing(config.api_key, config.api_key_file)
+    limits = KeyLimits(config.max_inflight_per_key, config.rate_limit_per_key)
+    proxy = ProxyState(
+        config, registry, metrics, upstream, source, disagg, versions, keys=keys, limits=limits
+    )
     app.extensions["moriio_proxy"] = proxy
     metrics.watch(lambda: [e.instance.role for e in registry.entries()])
 
     app.before_serving(proxy.start)
     app.after_serving(proxy.stop)
-    # The generation routes bypass Quart (see completions.py); the rest is Quart's.
-    fallback = cast(ASGIApp, app.asgi_app)
-    app.asgi_app = CompletionsEndpoint(proxy, fallback)  # type: ignore[method-assign,assignment]
+    # The generation routes bypass Quart (see completions.py); the rest is Quart's, behind
+    # the one access check of every other path (security/guard.py).
+    keyed = {"/ready": config.ready_requires_key, "/metrics": config.metrics_requires_key}
+    guarded = AccessGuard(
+        cast(ASGIApp, app.asgi_app),
+        keys,
+        admin_token=config.admin_token,
+        allow_localhost=config.admin_allow_localhost,
+        keyed_paths=frozenset(path for path, wanted in keyed.items() if wanted),
+    )
+    app.asgi_app = CompletionsEndpoint(proxy, guarded)  # type: ignore[method-assign,assignment]
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -137,13 +150,17 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 async def _models(proxy: ProxyState) -> Response:
     """The union of the models the routable instances serve (as vLLM lists them)."""
     entries = proxy.registry.healthy("P") + proxy.registry.healthy("D")
+    client_key = request.headers.get("Authorization")
+    forwarded: dict[str, str] | None = None
+    if proxy.config.upstream_auth == "passthrough" and client_key:
+        forwarded = {"Authorization": client_key}
     if not entries:
         return _json(error_body("no instance is registered", 503), 503)
 
     async def fetch(entry: Entry) -> list[dict[str, Any]]:
         try:
             payload = await proxy.upstream.get_json(
-                entry.instance.base_url + "/v1/models", _MODELS_TIMEOUT
+                entry.instance.base_url + "/v1/models", _MODELS_TIMEOUT, forwarded
             )
         except UpstreamError as exc:
             log.warning("listing models of %s failed: %s", entry.instance.http_address, exc)

@@ -73,12 +73,20 @@ def _addrun_proxy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     serve.add_argument("--config", metavar="FILE", help="YAML file of settings (and instances)")
     defaults = ProxyConfig()
     for option in OPTIONS:
+        help_text = option.help_line(getattr(defaults, option.name))
+        # Unset (None): the environment, the file or the default decides.
+        if option.switch:
+            serve.add_argument(
+                option.flag, dest=option.name, action="store_const", const=True, help=help_text
+            )
+            continue
         serve.add_argument(
             option.flag,
             dest=option.name,
-            default=None,  # unset: the environment, the file or the default decides
-            metavar=option.name.split("_")[-1].upper(),
-            help=option.help_line(getattr(defaults, option.name)),
+            default=None,
+            action="append" if option.repeated else "store",
+            metavar=option.metavar or option.name.split("_")[-1].upper(),
+            help=help_text,
         )
 
 
@@ -333,6 +341,14 @@ def run_loop(main: Coroutine[Any, Any, int], event_loop: str = "auto") -> int:
     return asyncio.run(main)
 
 
+def reload_on_sighup(reload: Callable[[], object]) -> None:
+    """SIGHUP reads the client keys file again (the usual daemon convention); requests in
+    flight are not touched. Where the loop takes no signal handlers (a thread), nothing."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, reload)
+
+
 def stop_event() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM, so shutdown is always the clean path."""
     stop = asyncio.Event()
@@ -351,6 +367,9 @@ async def run_proxy(
     """Serve until ``stop`` (SIGINT/SIGTERM); ``on_serving`` gets the state once both ports
     listen (the demo starts its simulated instances then)."""
     stop = stop or stop_event()
+    from .security import server_tls
+
+    tls = server_tls(config)  # a bad certificate is a one-line error before anything binds
     if config.workers > 1:
         return await _supervise(config, stop)
     from .app import create_app, state
@@ -360,6 +379,7 @@ async def run_proxy(
         app = create_app(config)
     except ImportError as exc:  # --discovery kubernetes without the k8s extra
         raise ConfigError(f"--discovery: {exc}") from None
+    reload_on_sighup(state(app).keys.reload)
     sock = bind_listener(config.host, config.port)
     try:
         await state(app).start()
@@ -378,7 +398,14 @@ async def run_proxy(
         proxy.drain()
 
     try:
-        await serve(app, sock, drain_then_stop, graceful_timeout=config.drain_timeout)
+        await serve(
+            app,
+            sock,
+            drain_then_stop,
+            graceful_timeout=config.drain_timeout,
+            tls=tls,
+            max_header_bytes=config.max_header_bytes,
+        )
     finally:
         await state(app).stop()
         sock.close()
@@ -386,8 +413,10 @@ async def run_proxy(
 
 
 async def _supervise(config: ProxyConfig, stop: asyncio.Event) -> int:
+    from .security import KeyRing
     from .workers import Supervisor, WorkerStartError
 
+    KeyRing(config.api_key, config.api_key_file)  # a bad keys file fails before any worker
     try:
         supervisor = Supervisor(config, on_ready=lambda port: None)
     except ImportError as exc:  # --discovery kubernetes without the k8s extra
@@ -412,8 +441,9 @@ def _log_serving(
     )
     processes = f" with {workers} workers" if workers > 1 else ""
     log.info(
-        "moriio-proxy %s serving OpenAI on http://%s:%s%s (discovery: %s)",
+        "moriio-proxy %s serving OpenAI on %s://%s:%s%s (discovery: %s)",
         __version__,
+        "https" if config.certfile else "http",
         config.host,
         port,
         processes,

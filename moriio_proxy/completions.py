@@ -25,6 +25,7 @@ import orjson
 from .compat import timeout_after
 from .disagg import JsonAnswer, ProxyError, StreamAnswer, client_id
 from .protocol import Endpoint, RequestError, error_body, parse_client_request
+from .security import CHALLENGE, apply_max_tokens_limit, key_problem
 from .state import ProxyState
 
 log = logging.getLogger("moriio_proxy")
@@ -62,6 +63,10 @@ class CompletionsEndpoint:
         self.proxy = proxy
         self.fallback = fallback
         self._session_header = proxy.config.session_header.lower().encode("latin-1")
+        self._keys = proxy.keys if proxy.keys.enabled else None
+        self._limits = proxy.limits if proxy.limits.enabled else None
+        self._max_tokens = proxy.config.max_tokens_limit
+        self._passthrough = proxy.config.upstream_auth == "passthrough"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
@@ -76,9 +81,17 @@ class CompletionsEndpoint:
     async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         proxy, metrics = self.proxy, self.proxy.metrics
-        request_id, length, session = _headers(scope, self._session_header)
+        request_id, length, session, authorization = _headers(scope, self._session_header)
         suffix = client_id(request_id)
         headers = [(b"x-request-id", suffix.encode())]
+        client: Any = None  # who the per-client limits count: the key, else the address
+        if self._keys is not None:
+            client = self._keys.match(authorization)
+            if client is None:
+                metrics.rejected.labels("unauthorized").inc()
+                return await _send_error(
+                    send, 401, key_problem(authorization), [*headers, CHALLENGE]
+                )
         if proxy.draining:
             metrics.rejected.labels("draining").inc()
             return await _send_error(send, 503, "the proxy is shutting down", headers)
@@ -91,7 +104,13 @@ class CompletionsEndpoint:
             raw = await _read_body(receive, length, proxy.config.max_body_bytes)
             if raw is None:
                 return  # the client left before its body arrived: nobody to answer
-            parsed = parse_client_request(endpoint, orjson.loads(raw))
+            parsed = parse_client_request(
+                endpoint,
+                orjson.loads(raw),
+                authorization=_text(authorization) if self._passthrough else None,
+            )
+            if self._max_tokens:
+                apply_max_tokens_limit(parsed.body, self._max_tokens)
         except _BodyError as exc:
             metrics.count_request(endpoint, "bad_request")
             return await _send_error(send, exc.status, exc.message, headers)
@@ -103,9 +122,19 @@ class CompletionsEndpoint:
             metrics.count_request(endpoint, "bad_request")
             return await _send_error(send, 400, f"request body is not valid JSON: {exc}", headers)
 
+        limits = self._limits
+        if limits is not None:
+            if client is None:
+                client = (scope.get("client") or ("",))[0]
+            refused = limits.admit(client)
+            if refused is not None:
+                metrics.rejected.labels("client_limit").inc()
+                message, retry = refused
+                extra = [*headers, (b"retry-after", str(retry).encode())]
+                return await _send_error(send, 429, message, extra)
         watcher = _DisconnectWatcher(receive)
         try:
-            await self._answer(endpoint, parsed, suffix, session, headers, started, send)
+            await self._answer(endpoint, parsed, suffix, session, headers, started, send, client)
         finally:
             watcher.stop()
 
@@ -118,8 +147,9 @@ class CompletionsEndpoint:
         headers: list[tuple[bytes, bytes]],
         started: float,
         send: Send,
+        client: Any,
     ) -> None:
-        proxy, metrics = self.proxy, self.proxy.metrics
+        proxy, metrics, limits = self.proxy, self.proxy.metrics, self._limits
         proxy.inflight += 1
         metrics.inflight.inc()
         finished = False
@@ -128,6 +158,8 @@ class CompletionsEndpoint:
             nonlocal finished
             if not finished:
                 finished = True
+                if limits is not None:
+                    limits.release(client)
                 proxy.inflight -= 1
                 metrics.inflight.dec()
                 metrics.count_request(endpoint, outcome)
@@ -204,11 +236,15 @@ class _DisconnectWatcher:
         self._task.cancel()
 
 
-def _headers(scope: Scope, session_header: bytes) -> tuple[str | None, int | None, str | None]:
-    """The client's X-Request-Id, Content-Length and session header, in one pass."""
+def _headers(
+    scope: Scope, session_header: bytes
+) -> tuple[str | None, int | None, str | None, bytes | None]:
+    """The client's X-Request-Id, Content-Length, session and Authorization headers, in one
+    pass (the last one raw: the key check compares bytes)."""
     request_id: str | None = None
     length: int | None = None
     session: str | None = None
+    authorization: bytes | None = None
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             request_id = value.decode("latin-1")
@@ -217,9 +253,15 @@ def _headers(scope: Scope, session_header: bytes) -> tuple[str | None, int | Non
                 length = int(value)
             except ValueError:
                 length = None
+        elif name == b"authorization":
+            authorization = value
         elif name == session_header:
             session = value.decode("latin-1")
-    return request_id, length, session
+    return request_id, length, session, authorization
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
 
 
 async def _read_body(receive: Receive, length: int | None, limit: int) -> bytes | None:

@@ -69,6 +69,27 @@ class ProxyConfig:
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     workers: int = 1
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Security (README: Security). Secrets stay out of repr: a config printed in a log or a
+    # traceback must not carry them.
+    api_key: tuple[str, ...] = field(default=(), repr=False)
+    api_key_file: str = ""
+    ready_requires_key: bool = False
+    metrics_requires_key: bool = False
+    upstream_api_key: str = field(default="", repr=False)
+    upstream_auth: Literal["auto", "passthrough", "none"] = "auto"
+    admin_token: str = field(default="", repr=False)
+    admin_allow_localhost: bool = False
+    certfile: str = ""
+    keyfile: str = ""
+    ca_certs: str = ""
+    upstream_scheme: Literal["http", "https"] = "http"
+    upstream_ca_bundle: str = ""
+    upstream_client_cert: str = ""
+    upstream_client_key: str = ""
+    max_header_bytes: int = 64 * 1024
+    max_tokens_limit: int = 0
+    max_inflight_per_key: int = 0
+    rate_limit_per_key: float = 0.0
     static_instances: tuple[Instance, ...] = field(default=())
     # The settings a flag, a variable or the file set (the rest are defaults), so startup
     # can say where a default it fell back on puts the discovery port. Not part of the value.
@@ -169,6 +190,44 @@ def _text(text: Any) -> str:
     return str(text).strip()
 
 
+def _secret(text: Any) -> str:
+    """A key or token as a client sends it after ``Bearer ``: printable ASCII, no spaces."""
+    value = _text(text)
+    if not value or not all("!" <= c <= "~" for c in value):
+        raise ValueError("must be printable ASCII without spaces")
+    return value
+
+
+def _secrets(text: Any) -> tuple[str, ...]:
+    """Keys from a repeated flag (a list), the environment or the file (comma-separated)."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    return tuple(_secret(i) for i in items if str(i).strip())
+
+
+def _optional_secret(text: Any) -> str:
+    return _secret(text) if str(text).strip() else ""
+
+
+def _switch(text: Any) -> bool:
+    """A switch: given on the command line it is True; from the environment or the file
+    it takes the usual words for yes and no."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _non_negative_rate(text: Any) -> float:
+    value = float(_number(text))
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a number of requests per second, 0 or more")
+    return value
+
+
 def _host(text: Any) -> str:
     value = str(text).strip()
     if not value:
@@ -190,6 +249,12 @@ class Option:
     help: str
     choices: tuple[str, ...] = ()
     default_text: str = ""
+    # A switch takes no value on the command line; a repeated flag may be given many times;
+    # a secret's value is never echoed in an error message.
+    switch: bool = False
+    repeated: bool = False
+    secret: bool = False
+    metavar: str = ""  # the value's name in --help (default: the last word of the name)
 
     @property
     def flag(self) -> str:
@@ -220,6 +285,129 @@ def _show(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+# README: Security. Limits are counted by each process: with --workers N, per-key limits
+# allow up to N times the figure (the kernel spreads connections over the workers).
+SECURITY_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "api_key",
+        _secrets,
+        "client API key for the generation routes and /v1/models (Authorization: Bearer "
+        "KEY); repeat the flag for several keys (comma-separated in the environment)",
+        default_text="none: no key needed",
+        metavar="KEY",
+        repeated=True,
+        secret=True,
+    ),
+    Option(
+        "api_key_file",
+        _text,
+        "file of client API keys, one a line ('#' starts a comment), added to --api-key and "
+        "read again on SIGHUP",
+        default_text="none",
+        metavar="PATH",
+    ),
+    Option(
+        "ready_requires_key",
+        _switch,
+        "/ready needs a client API key too (/health never does)",
+        switch=True,
+        default_text="off",
+    ),
+    Option(
+        "metrics_requires_key",
+        _switch,
+        "/metrics needs a client API key too",
+        switch=True,
+        default_text="off",
+    ),
+    Option(
+        "upstream_api_key",
+        _optional_secret,
+        "key sent to every vLLM instance (Authorization: Bearer KEY), as their --api-key",
+        default_text="none",
+        secret=True,
+    ),
+    choice_option(
+        "upstream_auth",
+        ("auto", "passthrough", "none"),
+        "what vLLM instances are sent: auto is --upstream-api-key when set, else nothing; "
+        "passthrough forwards the client's own Authorization header",
+    ),
+    Option(
+        "admin_token",
+        _optional_secret,
+        "token every /admin/* path and /start_profile, /stop_profile need (Authorization: "
+        "Bearer TOKEN); without it only read-only GET /admin/* is served",
+        default_text="none",
+        secret=True,
+    ),
+    Option(
+        "admin_allow_localhost",
+        _switch,
+        "without --admin-token, serve state-changing admin calls to loopback clients",
+        switch=True,
+        default_text="off",
+    ),
+    Option("certfile", _text, "TLS certificate (PEM) to serve HTTPS with", default_text="none"),
+    Option("keyfile", _text, "private key (PEM) of --certfile", default_text="none"),
+    Option(
+        "ca_certs",
+        _text,
+        "CA bundle (PEM): clients must present a certificate it signed (mTLS)",
+        default_text="none: no client certificate asked",
+    ),
+    choice_option(
+        "upstream_scheme",
+        ("http", "https"),
+        "scheme of every vLLM instance (heartbeats carry none); https also applies to "
+        "static instances",
+    ),
+    Option(
+        "upstream_ca_bundle",
+        _text,
+        "CA bundle (PEM) that HTTPS vLLM instances' certificates must chain to",
+        default_text="the system's CAs",
+    ),
+    Option(
+        "upstream_client_cert",
+        _text,
+        "client certificate (PEM) presented to HTTPS vLLM instances",
+        default_text="none",
+    ),
+    Option(
+        "upstream_client_key",
+        _text,
+        "private key (PEM) of --upstream-client-cert",
+        default_text="none",
+    ),
+    Option(
+        "max_header_bytes",
+        _positive_int,
+        "largest request head (request line and headers) accepted; larger gets 431",
+    ),
+    Option(
+        "max_tokens_limit",
+        _non_negative_int,
+        "largest max_tokens/max_completion_tokens a client may ask for (400 above it; a "
+        "request without one is given this); 0 is no limit",
+    ),
+    Option(
+        "max_inflight_per_key",
+        _non_negative_int,
+        "generation requests one API key (or, without keys, one client address) may have "
+        "in flight, per worker; 429 above it; 0 is no limit",
+        metavar="N",
+    ),
+    Option(
+        "rate_limit_per_key",
+        _non_negative_rate,
+        "generation requests per second one API key (or client address) may start, per "
+        "worker, with a burst of as many; 429 with Retry-After above it; 0 is no limit",
+        metavar="RPS",
+    ),
+)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -338,6 +526,7 @@ OPTIONS: tuple[Option, ...] = (
         ("auto", "uvloop", "asyncio"),
         "event loop: uvloop when installed (auto), or force one",
     ),
+    *SECURITY_OPTIONS,
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -367,7 +556,24 @@ def load_config(
         values["static_instances"] = _static_instances(statics, config_file)
     known = {f.name for f in fields(ProxyConfig)}
     settings = {k: v for k, v in values.items() if k in known}
-    return ProxyConfig(**settings, given=frozenset(settings))
+    return _checked(ProxyConfig(**settings, given=frozenset(settings)))
+
+
+def _checked(config: ProxyConfig) -> ProxyConfig:
+    """Settings that only make sense together."""
+    if bool(config.certfile) != bool(config.keyfile):
+        raise ConfigError("--certfile and --keyfile go together: give both or neither")
+    if config.ca_certs and not config.certfile:
+        raise ConfigError("--ca-certs (client certificates) needs --certfile and --keyfile")
+    if bool(config.upstream_client_cert) != bool(config.upstream_client_key):
+        raise ConfigError(
+            "--upstream-client-cert and --upstream-client-key go together: give both or neither"
+        )
+    if config.upstream_auth == "passthrough" and config.upstream_api_key:
+        raise ConfigError(
+            "--upstream-auth passthrough forwards the client's key: drop --upstream-api-key"
+        )
+    return config
 
 
 def _parse(option: Option, raw: Any, where: str) -> Any:
@@ -377,7 +583,8 @@ def _parse(option: Option, raw: Any, where: str) -> Any:
         detail = str(exc)
         if "invalid literal" in detail or "could not convert" in detail:
             detail = "is not a number"
-        raise ConfigError(f"{where}: {detail} (got {raw!r})") from None
+        shown = "the value given" if option.secret else repr(raw)
+        raise ConfigError(f"{where}: {detail} (got {shown})") from None
 
 
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
