@@ -42,6 +42,19 @@ _NO_TOKEN = (
 )
 
 
+async def send_refusal(send: Send, status: int, message: str) -> None:
+    """An error in vLLM's shape, with the Bearer challenge on a 401."""
+    body = orjson.dumps(error_body(message, status))
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if status == 401:
+        headers.append(CHALLENGE)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 def is_admin_path(path: str) -> bool:
     return path == "/admin" or path.startswith("/admin/") or path in PROFILE_PATHS
 
@@ -86,16 +99,7 @@ class AccessGuard:
         if refusal is None:
             await self.app(scope, receive, send)
             return
-        status, message = refusal
-        body = orjson.dumps(error_body(message, status))
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        if status == 401:
-            headers.append(CHALLENGE)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_refusal(send, *refusal)
 
     def refusal(self, scope: Scope) -> tuple[int, str] | None:
         """(status, message) when the request may not pass, else None."""

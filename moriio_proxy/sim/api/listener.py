@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,8 +35,17 @@ def bound_port(site: web.TCPSite, port: int) -> int:
 class HttpListener:
     """An aiohttp runner whose TCP site comes and goes."""
 
-    def __init__(self, host: str, port: int, tag: str, live: Callable[[], bool]) -> None:
-        """``live()`` False (stopping, engine dead) freezes the listener as it is."""
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tag: str,
+        live: Callable[[], bool],
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``live()`` False (stopping, engine dead) freezes the listener as it is;
+        ``ssl_context`` serves HTTPS."""
+        self._ssl = ssl_context
         self._host = host
         self._port = port
         self._tag = tag
@@ -58,7 +68,7 @@ class HttpListener:
             app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self._host, self._port)
+        self._site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl)
         await self._site.start()
         self._port = bound_port(self._site, self._port)
 
@@ -103,7 +113,7 @@ class HttpListener:
                     self._port,
                 )
             elif not refuse and self.refusing:
-                site = web.TCPSite(self._runner, self._host, self._port)
+                site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl)
                 try:
                     await site.start()
                 except OSError as e:
