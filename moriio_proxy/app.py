@@ -28,7 +28,7 @@ from .pairing import unpaired_reason
 from .policies import LoadBound, PolicySettings, make_decode_policy, make_prefill_policy
 from .protocol import error_body
 from .registry import Entry, Registry
-from .security import AccessGuard, HeadLimit, KeyLimits, KeyRing
+from .security import AccessGuard, KeyLimits, KeyRing
 from .state import ProxyState, build_registry, build_upstream
 from .upstream import UpstreamError
 from .version_probe import VersionProbe
@@ -102,9 +102,9 @@ def create_app(
         admin_token=config.admin_token,
         allow_localhost=config.admin_allow_localhost,
         keyed_paths=frozenset(path for path, wanted in keyed.items() if wanted),
+        max_head=config.max_header_bytes,
     )
-    front = HeadLimit(CompletionsEndpoint(proxy, guarded), config.max_header_bytes)
-    app.asgi_app = front  # type: ignore[method-assign,assignment]
+    app.asgi_app = CompletionsEndpoint(proxy, guarded)  # type: ignore[method-assign,assignment]
 
     @app.get("/v1/models")
     async def models() -> Response:

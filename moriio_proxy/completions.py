@@ -25,7 +25,7 @@ import orjson
 from .compat import timeout_after
 from .disagg import JsonAnswer, ProxyError, StreamAnswer, client_id
 from .protocol import Endpoint, RequestError, error_body, parse_client_request
-from .security import CHALLENGE, apply_max_tokens_limit, key_problem
+from .security import CHALLENGE, apply_max_tokens_limit, head_too_large, key_problem
 from .state import ProxyState
 
 log = logging.getLogger("moriio_proxy")
@@ -66,6 +66,7 @@ class CompletionsEndpoint:
         self._keys = proxy.keys if proxy.keys.enabled else None
         self._limits = proxy.limits if proxy.limits.enabled else None
         self._max_tokens = proxy.config.max_tokens_limit
+        self._max_head = proxy.config.max_header_bytes
         self._passthrough = proxy.config.upstream_auth == "passthrough"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -81,9 +82,12 @@ class CompletionsEndpoint:
     async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         proxy, metrics = self.proxy, self.proxy.metrics
-        request_id, length, session, authorization = _headers(scope, self._session_header)
+        request_id, length, session, authorization, head = _headers(scope, self._session_header)
         suffix = client_id(request_id)
         headers = [(b"x-request-id", suffix.encode())]
+        if head > self._max_head:
+            metrics.count_request(endpoint, "bad_request")
+            return await _send_error(send, 431, head_too_large(self._max_head), headers)
         client: Any = None  # who the per-client limits count: the key, else the address
         if self._keys is not None:
             client = self._keys.match(authorization)
@@ -238,14 +242,17 @@ class _DisconnectWatcher:
 
 def _headers(
     scope: Scope, session_header: bytes
-) -> tuple[str | None, int | None, str | None, bytes | None]:
-    """The client's X-Request-Id, Content-Length, session and Authorization headers, in one
-    pass (the last one raw: the key check compares bytes)."""
+) -> tuple[str | None, int | None, str | None, bytes | None, int]:
+    """The client's X-Request-Id, Content-Length, session and Authorization headers (the
+    last one raw: the key check compares bytes) and the head's size
+    (security.limits.head_size), in one pass."""
     request_id: str | None = None
     length: int | None = None
     session: str | None = None
     authorization: bytes | None = None
+    size = len(scope["raw_path"]) + len(scope["query_string"])
     for name, value in scope["headers"]:
+        size += len(name) + len(value)
         if name == b"x-request-id":
             request_id = value.decode("latin-1")
         elif name == b"content-length":
@@ -257,7 +264,7 @@ def _headers(
             authorization = value
         elif name == session_header:
             session = value.decode("latin-1")
-    return request_id, length, session, authorization
+    return request_id, length, session, authorization, size
 
 
 def _text(value: bytes | None) -> str | None:

@@ -5,18 +5,18 @@ README: Security has the threat model these serve.
 
 from .guard import CHALLENGE, AccessGuard, is_admin_path, key_problem
 from .keys import KeyFileError, KeyRing, bearer
-from .limits import HeadLimit, KeyLimits, apply_max_tokens_limit
+from .limits import KeyLimits, apply_max_tokens_limit, head_too_large
 from .tls import server_tls, upstream_ssl_context
 
 __all__ = [
     "CHALLENGE",
     "AccessGuard",
-    "HeadLimit",
     "KeyFileError",
     "KeyLimits",
     "KeyRing",
     "apply_max_tokens_limit",
     "bearer",
+    "head_too_large",
     "is_admin_path",
     "key_problem",
     "server_tls",

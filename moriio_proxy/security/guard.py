@@ -1,5 +1,6 @@
-"""One door in front of the Quart routes: client keys for ``/v1/*`` (and, if asked,
-``/ready`` and ``/metrics``), the admin token for ``/admin/*`` and the profile fan-out.
+"""One door in front of the Quart routes: the request-head limit, client keys for ``/v1/*``
+(and, if asked, ``/ready`` and ``/metrics``), the admin token for ``/admin/*`` and the
+profile fan-out.
 
 It is ASGI middleware keyed on the path and the method, not a check inside each route, so
 a route added later under ``/admin/`` is guarded without anyone remembering to. The two
@@ -25,6 +26,7 @@ import orjson
 
 from ..protocol import error_body
 from .keys import KeyRing, bearer
+from .limits import head_size, head_too_large
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -87,8 +89,10 @@ class AccessGuard:
         admin_token: str = "",
         allow_localhost: bool = False,
         keyed_paths: frozenset[str] = frozenset(),
+        max_head: int = 64 * 1024,
     ) -> None:
         self.app = app
+        self.max_head = max_head
         self.keys = keys
         self._admin = bearer(admin_token) if admin_token else None
         self._allow_localhost = allow_localhost
@@ -104,6 +108,8 @@ class AccessGuard:
     def refusal(self, scope: Scope) -> tuple[int, str] | None:
         """(status, message) when the request may not pass, else None."""
         path: str = scope["path"]
+        if head_size(scope) > self.max_head:
+            return 431, head_too_large(self.max_head)
         if is_admin_path(path):
             return self._admin_refusal(scope)
         if self.keys.enabled and (path.startswith("/v1/") or path in self._keyed):

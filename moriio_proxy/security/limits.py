@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from ..protocol import RequestError
-from .guard import ASGIApp, Receive, Scope, Send, send_refusal
 
 # Beyond this many tracked clients, the buckets of clients that are back to a full burst
 # (nothing left to remember) are dropped, so a stream of new addresses cannot grow the
@@ -102,27 +101,20 @@ def apply_max_tokens_limit(body: dict[str, Any], limit: int) -> None:
         body["max_tokens"] = limit
 
 
-class HeadLimit:
-    """ASGI middleware: 431 for a request whose head (path, query and headers) exceeds
-    ``limit`` bytes.
+def head_size(scope: Mapping[str, Any]) -> int:
+    """The bytes of a request head as the client sent it: path, query and headers.
 
     Hypercorn's own bound (h11's max_incomplete_size) only measures a head still
     incomplete after a read of up to 64 KiB, so a head that arrives in one or two reads
-    passes it at up to about twice the figure; this is the exact check. It sums a dozen
-    lengths per request (see bench/README.md, security).
+    passes it at up to about twice the figure; the proxy measures the head itself (the
+    generation routes in the header scan they already make, completions.py; every other
+    path in the guard).
     """
+    size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+    for name, value in scope["headers"]:
+        size += len(name) + len(value)
+    return size
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
-            for name, value in scope["headers"]:
-                size += len(name) + len(value) + 4  # ": " and CRLF
-            if size > self.limit:
-                message = f"the request head exceeds the limit of {self.limit} bytes"
-                await send_refusal(send, 431, message)
-                return
-        await self.app(scope, receive, send)
+def head_too_large(limit: int) -> str:
+    return f"the request head exceeds the limit of {limit} bytes"

@@ -21,7 +21,6 @@ from moriio_proxy.security import (
     KeyRing,
     apply_max_tokens_limit,
 )
-from moriio_proxy.security.limits import HeadLimit
 from moriio_proxy.state import upstream_headers
 from tests.harness.clock import ManualClock
 
@@ -228,15 +227,21 @@ def test_client_keys_guard_v1_and_the_probes_asked_for():
     assert (b"www-authenticate", b"Bearer") in refused.sent[0]["headers"]
 
 
-def test_the_head_limit_counts_path_query_and_headers():
+def test_the_guard_measures_the_request_head():
+    small = call({"max_head": 200}, "GET", "/health")
+    assert small.reached == 1
     recorder = Recorder()
-    limit = HeadLimit(recorder.app, 100)
-    small = {"type": "http", "raw_path": b"/x", "query_string": b"", "headers": [(b"a", b"b")]}
-    asyncio.run(limit(small, _receive, recorder.send))
-    assert recorder.reached == 1
-    big = {**small, "headers": [(b"x-pad", b"y" * 100)]}
-    asyncio.run(limit(big, _receive, recorder.send))
-    assert recorder.status == 431 and recorder.reached == 1
+    guard = AccessGuard(recorder.app, KeyRing(), max_head=100)
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/health",
+        "raw_path": b"/health",
+        "query_string": b"q=" + b"y" * 50,
+        "headers": [(b"x-pad", b"y" * 40)],
+    }
+    asyncio.run(guard(scope, _receive, recorder.send))
+    assert recorder.status == 431 and recorder.reached == 0
 
 
 # ------------------------------------------------------------------------- limits
