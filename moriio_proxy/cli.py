@@ -159,6 +159,11 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seconds per prompt token not in the prefix cache (a rank computes one prompt "
         "at a time)",
     )
+    sim.add_argument(
+        "--ssl-certfile",
+        help="serve the OpenAI port over HTTPS with this certificate (PEM), as vLLM's flag",
+    )
+    sim.add_argument("--ssl-keyfile", help="private key (PEM) of --ssl-certfile")
     sim.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     sim.add_argument(
         "--num-gpu-blocks-override",
@@ -520,6 +525,8 @@ async def _sim(args: argparse.Namespace) -> int:
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         control_port=args.control_port,
         seed=args.seed,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
         faults=faults,
     )
     return await run_sim(config)

@@ -10,8 +10,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from moriio_proxy.config import load_config
 from moriio_proxy.sim import expected_text
+from moriio_proxy.state import build_upstream
 from tests.harness import RunningProxy, running_proxy
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
@@ -306,3 +309,31 @@ async def test_requests_in_flight_are_not_slowed_by_refusals(http: aiohttp.Clien
         )
         assert [r[0] for r in results] == [401] * 20 + [200]
         assert len([leg for s in p.sims for leg in s.legs]) == 2
+
+
+async def test_model_lists_and_version_probes_carry_the_fleet_key_too():
+    """Every call through the upstream session (get_json: /v1/models, /version) carries
+    the fleet key; a caller's own header (passthrough) replaces it for that call."""
+    seen: list[str | None] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"version": "0.33.0"})
+
+    app = web.Application()
+    app.router.add_get("/version", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    upstream = build_upstream(load_config({"upstream_api_key": "fleet"}, env={}))
+    await upstream.start()
+    try:
+        url = f"http://127.0.0.1:{port}/version"
+        assert await upstream.get_json(url, 5.0) == {"version": "0.33.0"}
+        await upstream.get_json(url, 5.0, {"Authorization": "Bearer sk-client"})
+    finally:
+        await upstream.close()
+        await runner.cleanup()
+    assert seen == ["Bearer fleet", "Bearer sk-client"]
