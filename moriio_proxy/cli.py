@@ -378,7 +378,7 @@ async def run_proxy(
     if config.workers > 1:
         return await _supervise(config, stop)
     from .app import create_app, state
-    from .server import bind_listener, serve
+    from .server import bind_listener, serve_configured
 
     try:
         app = create_app(config)
@@ -403,14 +403,7 @@ async def run_proxy(
         proxy.drain()
 
     try:
-        await serve(
-            app,
-            sock,
-            drain_then_stop,
-            graceful_timeout=config.drain_timeout,
-            tls=tls,
-            max_header_bytes=config.max_header_bytes,
-        )
+        await serve_configured(app, sock, drain_then_stop, config, tls)
     finally:
         await state(app).stop()
         sock.close()

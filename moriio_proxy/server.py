@@ -17,6 +17,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 
+from .config import ProxyConfig
 from .security.tls import ServerTls
 
 # Connections the kernel completes and queues while the event loop is busy elsewhere. A
@@ -99,6 +100,25 @@ async def serve(
             config.ca_certs = tls.ca_certs
             config.verify_mode = ssl.CERT_REQUIRED
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
+
+
+async def serve_configured(
+    app: Quart,
+    sock: socket.socket,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    config: ProxyConfig,
+    tls: ServerTls | None,
+) -> None:
+    """``serve`` as a configured proxy (one process, or a worker) serves: in-flight requests
+    get --drain-timeout, request heads --max-header-bytes, TLS if configured."""
+    await serve(
+        app,
+        sock,
+        shutdown_trigger,
+        graceful_timeout=config.drain_timeout,
+        tls=tls,
+        max_header_bytes=config.max_header_bytes,
+    )
 
 
 def _error_log() -> logging.Logger:

@@ -266,7 +266,7 @@ async def _worker(config: ProxyConfig, port: int, snapshots: str, reports: str, 
     from .app import create_app, state
     from .cli import reload_on_sighup, stop_event
     from .security import server_tls
-    from .server import bind_listener, serve
+    from .server import bind_listener, serve_configured
 
     stop = stop_event()
     tls = server_tls(config)
@@ -292,14 +292,7 @@ async def _worker(config: ProxyConfig, port: int, snapshots: str, reports: str, 
             await stop.wait()
             proxy.drain()
 
-        await serve(
-            app,
-            sock,
-            drain_then_stop,
-            graceful_timeout=config.drain_timeout,
-            tls=tls,
-            max_header_bytes=config.max_header_bytes,
-        )
+        await serve_configured(app, sock, drain_then_stop, config, tls)
     finally:
         await proxy.stop()
         sock.close()

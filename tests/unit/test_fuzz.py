@@ -28,7 +28,9 @@ from moriio_proxy.metrics import Metrics
 from moriio_proxy.protocol import (
     ROLES,
     TRANSFER_MODES,
+    ClientRequest,
     Instance,
+    Leg,
     RegistrationError,
     RequestError,
     build_decode_leg,
@@ -284,13 +286,9 @@ REPLACED_ON_PREFILL = {
 }
 
 
-def decode_params(endpoint: str, mode: str) -> dict[str, Any]:
-    """The decode leg's params for a minimal valid request: what any request must get."""
-    body: dict[str, Any] = (
-        {"prompt": "x"} if endpoint == "completions" else {"messages": [{"role": "user"}]}
-    )
-    leg = build_decode_leg(
-        parse_client_request(endpoint, body),  # type: ignore[arg-type]
+def decode_leg(request: ClientRequest, mode: str) -> Leg:
+    return build_decode_leg(
+        request,
         PREFILL,
         DECODE,
         mode=mode,  # type: ignore[arg-type]
@@ -299,7 +297,15 @@ def decode_params(endpoint: str, mode: str) -> dict[str, Any]:
         dp_rank=1,
         prefill_params=RETURNED,
     )
-    return leg.body["kv_transfer_params"]
+
+
+def decode_params(endpoint: str, mode: str) -> dict[str, Any]:
+    """The decode leg's params for a minimal valid request: what any request must get."""
+    body: dict[str, Any] = (
+        {"prompt": "x"} if endpoint == "completions" else {"messages": [{"role": "user"}]}
+    )
+    minimal = parse_client_request(endpoint, body)  # type: ignore[arg-type]
+    return decode_leg(minimal, mode).body["kv_transfer_params"]
 
 
 @BUDGET
@@ -338,16 +344,7 @@ def test_any_json_body_is_a_clean_400_or_legs_that_keep_the_contract(
         if key not in REPLACED_ON_PREFILL:
             assert prefill.body[key] == item
 
-    decode = build_decode_leg(
-        request,
-        PREFILL,
-        DECODE,
-        mode=mode,  # type: ignore[arg-type]
-        transfer_id=TRANSFER_ID,
-        request_id=REQUEST_ID,
-        dp_rank=1,
-        prefill_params=RETURNED,
-    )
+    decode = decode_leg(request, mode)
     assert decode.body["kv_transfer_params"] == decode_params(endpoint, mode)
     assert {k: v for k, v in decode.body.items() if k != "kv_transfer_params"} == {
         k: v for k, v in sent.items() if k != "kv_transfer_params"
