@@ -5,6 +5,7 @@ client API keys, the admin door, what the instances are sent, and the per-client
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from moriio_proxy.check import run_check
 from moriio_proxy.config import load_config
 from moriio_proxy.sim import expected_text
 from moriio_proxy.state import build_upstream
 from tests.harness import RunningProxy, running_proxy
+from tests.harness.certs import make_ca
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 BODY = {"model": "sim-model", "prompt": PROMPT, "max_tokens": 5}
@@ -337,3 +340,27 @@ async def test_model_lists_and_version_probes_carry_the_fleet_key_too():
         await upstream.close()
         await runner.cleanup()
     assert seen == ["Bearer fleet", "Bearer sk-client"]
+
+
+async def test_check_reaches_a_locked_proxy_over_tls_with_its_credentials(tmp_path: Path):
+    """``moriio-proxy check`` with --api-key, --admin-token and --cacert: all OK; without
+    them the locked paths fail instead of looking like a broken deployment."""
+    ca = make_ca(tmp_path)
+    async with running_proxy(
+        api_key=["sk-a"],
+        admin_token="adm-token-xyz",
+        ready_requires_key=True,
+        metrics_requires_key=True,
+        certfile=ca.server.cert,
+        keyfile=ca.server.key,
+    ) as p:
+        await pair(p)
+        report = await run_check(
+            p.url, timeout=5, api_key="sk-a", admin_token="adm-token-xyz", cafile=ca.ca
+        )
+        assert {r.status for r in report.results} == {"OK"}, report.to_text()
+        locked = await run_check(p.url, timeout=5, cafile=ca.ca)
+        assert locked.by_name("instances").status == "FAIL"
+        assert "401" in locked.by_name("instances").message
+    shown = report.to_text() + json.dumps(report.to_json())
+    assert "sk-a" not in shown and "adm-token-xyz" not in shown
