@@ -105,7 +105,7 @@ SECURITY_OPTIONS: tuple[Option, ...] = (
     Option(
         "max_header_bytes",
         parsers.positive_int,
-        "largest request head (request line and headers) accepted; larger gets 431",
+        "largest request head accepted (path, query and header names and values); larger gets 431",
     ),
     Option(
         "max_tokens_limit",

@@ -43,9 +43,18 @@ async def status_of(
         return resp.status, payload, resp.headers
 
 
+ERROR_TYPES = {
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    429: "RateLimitError",
+    431: "RequestHeaderFieldsTooLarge",
+}
+
+
 def assert_openai_error(payload: Any, status: int) -> None:
     assert set(payload["error"]) == {"message", "type", "param", "code"}
     assert payload["error"]["code"] == status
+    assert payload["error"]["type"] == ERROR_TYPES[status]
 
 
 # --------------------------------------------------------------------- client keys
@@ -298,6 +307,7 @@ async def test_an_oversized_request_head_gets_431(
             fresh.post(url, json=BODY, headers=padded) as resp,
         ):
             assert resp.status == 431
+            assert_openai_error(await resp.json(content_type=None), 431)
         assert sum(1 for s in p.sims for leg in s.legs) == 2  # only the first reached vLLM
 
 
