@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import runinfo  # noqa: E402
+from bench import options, runinfo  # noqa: E402
 from bench.cache.measure import RouterResult, run_router  # noqa: E402
 from bench.cache.report import check_targets, markdown  # noqa: E402
 from bench.cache.workload import Conversation, WorkloadSpec, build  # noqa: E402
@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--update", action="store_true", help="also write bench/results/cache.{json,md}"
     )
     args = parser.parse_args(argv)
+    vllm_router.check_arguments(parser, args)
+    options.check_out(parser, args.out)
     args.router_list = [r.strip() for r in args.routers.split(",") if r.strip()]
     for name in args.router_list:
         if name not in ROUTERS:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import runinfo  # noqa: E402
+from bench import options, runinfo  # noqa: E402
 from bench.overhead import profile as pyspy  # noqa: E402
 from bench.overhead import vllm_router  # noqa: E402
 from bench.overhead.cells import Cell, Measurement, Settings, run_cell, summarize  # noqa: E402
@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also write the committed bench/results/overhead.{json,md}",
     )
     args = parser.parse_args(argv)
+    vllm_router.check_arguments(parser, args)
+    options.check_out(parser, args.out)
     defaults = QUICK_TIMES if args.quick else DEFAULT_TIMES
     for name, default in zip(("warmup", "duration", "rounds"), defaults, strict=True):
         if getattr(args, name) is None:

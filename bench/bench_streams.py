@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import runinfo  # noqa: E402
+from bench import options, runinfo  # noqa: E402
 from bench.streams import deployment  # noqa: E402
 from bench.streams.phases import Load, idle_phase, slow_phase  # noqa: E402
 from bench.streams.report import markdown, verdicts  # noqa: E402
@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--update", action="store_true", help="also write bench/results/streams.{json,md}"
     )
     args = parser.parse_args(argv)
+    options.check_out(parser, args.out)
     args.phase_list = [p.strip() for p in args.phases.split(",") if p.strip()]
     if args.tracemalloc and args.idle_workers != 1:
         parser.error("--tracemalloc traces one process: use it with --idle-workers 1")

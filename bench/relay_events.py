@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import options  # noqa: E402
 from moriio_proxy import relay as current  # noqa: E402
 
 INTERNAL = (
@@ -161,6 +162,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs; the best is shown")
     parser.add_argument("--baseline", metavar="FILE", help="another relay.py to time too")
     args = parser.parse_args()
+    if args.baseline:
+        options.check_file(parser, "--baseline", args.baseline, ".py")
     modules = [current] + ([load_baseline(args.baseline)] if args.baseline else [])
     header = f"{'endpoint':<12}{'vLLM':<6}{'events':>7}{'us/event':>10}"
     print(header + (f"{'baseline':>10}" if args.baseline else ""))

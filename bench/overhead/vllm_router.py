@@ -8,13 +8,14 @@ the proxy is tested in.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
 import venv
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench import options
 
 CACHE_VENV = Path.home() / ".cache" / "moriio-proxy" / "bench" / "vllm-router-venv"
 # The launch flags here were checked against this release; --vllm-router-spec overrides.
@@ -43,12 +44,10 @@ def install(spec: str, where: Path = CACHE_VENV) -> str:
 
 
 def locate(explicit: str | None) -> Located:
-    """--vllm-router PATH, else the cached venv, else PATH; otherwise why not."""
+    """--vllm-router PATH (checked by ``check_arguments`` as the options were parsed), else
+    the cached venv, else PATH; otherwise why not."""
     if explicit:
-        path = shutil.which(explicit) or explicit
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            raise FileNotFoundError(f"--vllm-router {explicit}: not an executable file")
-        return Located(path, f"--vllm-router {explicit}")
+        return Located(shutil.which(explicit) or explicit, f"--vllm-router {explicit}")
     cached = CACHE_VENV / "bin" / "vllm-router"
     if cached.exists():
         return Located(str(cached), f"the benchmark's venv {CACHE_VENV}")
@@ -93,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vllm-router-spec", default=DEFAULT_SPEC, help="what --install-vllm-router installs"
     )
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A ``--vllm-router`` that is not an executable ends the run before any work."""
+    if args.vllm_router:
+        options.check_executable(parser, "--vllm-router", args.vllm_router)
 
 
 def find(args: argparse.Namespace, wanted: bool, why_not: str) -> Located:

@@ -214,7 +214,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_inflight",
         parsers.non_negative_int,
-        "requests served at once before new ones get 429; 0 is unlimited",
+        "requests served at once, per worker process with --workers N; more get 429; 0: unlimited",
     ),
     Option(
         "drain_timeout",

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .addresses import parse_port, parse_zmq_address, split_host_port
-from .instance import ROLES, TRANSFER_MODES, Instance, Scheme, TransferMode
+from .instance import ROLES, TRANSFER_MODES, Instance, Role, Scheme, TransferMode
 
 # Registration fields are small; anything larger is not a vLLM heartbeat.
 _MAX_FIELD_LEN = 512
@@ -49,17 +49,8 @@ def _parse_gen2(msg: Mapping[str, Any]) -> Instance:
         kv_host, handshake, notify = parse_zmq_address(zmq_address)
     except ValueError as exc:
         raise RegistrationError("bad_address", str(exc)) from None
-    return Instance(
-        role=msg["type"],
-        http_address=http_address,
-        kv_host=kv_host,
-        handshake_port=handshake,
-        notify_port=notify,
-        dp_size=_parallel(msg, "dp_size"),
-        tp_size=_parallel(msg, "tp_size"),
-        transfer_mode=_mode(msg),
-        scheme=_scheme(msg.get("scheme", "http")),
-    )
+    scheme = _scheme(msg.get("scheme", "http"))
+    return _instance(msg, msg["type"], http_address, kv_host, handshake, notify, scheme)
 
 
 def _scheme(value: Any) -> Scheme:
@@ -85,10 +76,25 @@ def _parse_gen1(msg: Mapping[str, Any]) -> Instance:
         notify = parse_port(msg.get("notify_port"), "notify_port")
     except ValueError as exc:
         raise RegistrationError("bad_address", str(exc)) from None
+    return _instance(msg, role, f"{host}:{port}", host, handshake, notify, scheme)
+
+
+def _instance(
+    msg: Mapping[str, Any],
+    role: Role,
+    http_address: str,
+    kv_host: str,
+    handshake: int,
+    notify: int,
+    scheme: Scheme,
+) -> Instance:
+    """The Instance from one shape's addresses plus the fields both shapes carry alike
+    (parallel sizes, transfer mode); those are checked last, so a bad address is the reason
+    a message is refused for even when other fields are bad too."""
     return Instance(
         role=role,
-        http_address=f"{host}:{port}",
-        kv_host=host,
+        http_address=http_address,
+        kv_host=kv_host,
         handshake_port=handshake,
         notify_port=notify,
         dp_size=_parallel(msg, "dp_size"),

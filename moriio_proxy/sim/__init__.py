@@ -14,8 +14,9 @@ The parts, each mirroring vLLM's ``kv_connector/v1/moriio/`` and ``entrypoints/`
 
 * ``settings``: SimConfig, SimFaults, SimStats, LegRecord (the public data).
 * ``model``: the toy model; a token is a word, output is a function of the KV fingerprint.
-* ``connector``: the connector's scheduler rules as pure functions (request-id sandwich,
-  port offsets, ``add_new_req``, block-id checks): the rules whose violation kills EngineCore.
+* ``connector/``: the connector's rules as pure functions, the ones whose violation kills
+  EngineCore: ``addresses`` (request-id sandwich, port offsets), ``scheduler``
+  (``add_new_req``), ``read`` (block-id checks), ``write``, ``messages``, ``fatal``.
 * ``tp_mapping``: which prefill and decode TP sizes a transfer can map, per version.
 * ``transport``: handshake / notify ROUTERs per DP rank and DEALERs to peers (ZMQ).
 * ``engine``: EngineCore, per-rank KV memory and prefix cache (prompt tokens already
@@ -29,8 +30,9 @@ The parts, each mirroring vLLM's ``kv_connector/v1/moriio/`` and ``entrypoints/`
 Versions. ``SimConfig.vllm_version`` ("0.32" or "0.33", default the newest) is read where
 the two differ, each a decision in one function: ``GET /version`` (``api.server``); the
 READ consumer's claim on a prompt without do_remote_prefill
-(``connector.external_prompt_tokens``: 0.32 answers garbage, 0.33 computes it); TP mapping
-in WRITE mode (``tp_mapping``: 0.33 maps divisible sizes when both sides run it, 0.32 none);
+(``connector.scheduler.external_prompt_tokens``: 0.32 answers garbage, 0.33 computes it);
+TP mapping in WRITE mode (``tp_mapping``: 0.33 maps divisible sizes when both sides run it,
+0.32 none);
 the prefill's deferred write that never got the decode's blocks
 (``engine.write.WriteTransfers._expire``: 0.33 sends write_failed) and what a decode makes
 of that message (``WriteTransfers.failed``: 0.33 fails the request with a 500 or an SSE

@@ -294,6 +294,7 @@ class SimStats:
     kv_load_failures: int = 0  # D, WRITE, 0.33: requests failed on a write_failed message
     blocks_reaped: int = 0  # P: held blocks freed by defer_timeout (nobody took the KV)
     write_failed_sent: int = 0  # P, WRITE, 0.33: write_failed messages sent to decode ranks
+    notify_listeners_died: int = 0  # D, 0.32: ranks whose notify listener a write_failed killed
     # The prefix cache, in tokens, as vLLM's vllm:prefix_cache_queries / _hits count them:
     # prompt tokens looked up and found, over engine requests that compute their prompt
     # (decode legs take theirs from P and are not counted). hits / queries is the hit rate.

@@ -11,9 +11,14 @@ What it cannot rehearse is vLLM itself: metrics, KV transfer, model output.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
+import random
+import shutil
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,9 +57,20 @@ os.execv(sys.executable, [
 """
 
 
+# Where a rehearsal's port blocks may start: each spans 602 ports from its base, below
+# the ephemeral range (32768+) like every fixed port the tests pick (tests/harness/ports.py).
+_BASES = range(20000, 31000, 700)
+
+
 def free_base() -> int:
-    """A port base whose every derived port (and MoRI-IO range) is free here."""
-    for base in range(22000, 31000, 700):
+    """A port base whose every derived port (and MoRI-IO range) is free now.
+
+    The search starts at a random block, so concurrent sessions rarely pick the same
+    one; the ports are released before the deployment binds them, so a start that finds
+    one taken meanwhile is retried (``rehearsal``).
+    """
+    start = random.randrange(len(_BASES))
+    for base in (*_BASES[start:], *_BASES[:start]):
         ports = set(port_layout(base).values())
         ports |= {base + offset + i for offset in (100, 200, 300, 400, 500, 600) for i in range(2)}
         try:
@@ -65,6 +81,29 @@ def free_base() -> int:
             continue
         return base
     pytest.skip("no free block of ports for the rehearsal")
+
+
+@contextlib.contextmanager
+def rehearsal(scenario: str, settings: GpuSettings, logs: Path) -> Iterator[Deployment]:
+    """The scenario deployed on a free port block; a start that lost a port to another
+    process in the meantime is retried on a new block (its logs removed)."""
+    for _attempt in range(5):
+        here = dataclasses.replace(settings, port_base=free_base())
+        plan = build_plan(scenarios(here)[scenario], here)
+        deployment = Deployment(plan, here, logs, poll=0.1)
+        try:
+            deployment.__enter__()
+        except DeploymentError as exc:
+            if "address already in use" not in str(exc).lower():
+                raise
+            shutil.rmtree(logs, ignore_errors=True)
+            continue
+        try:
+            yield deployment
+        finally:
+            deployment.__exit__(None, None, None)
+        return
+    raise AssertionError("the rehearsal found its ports taken five times in a row")
 
 
 @pytest.fixture
@@ -95,8 +134,8 @@ def group_gone(pid: int) -> bool:
 
 def test_runtime_rehearsal_with_simulated_vllm(settings: GpuSettings, tmp_path: Path) -> None:
     """Two prefills and a decode through the scripts: serve, stream, check, crash, restart."""
-    plan = build_plan(scenarios(settings)["prefill-failover"], settings)
-    with Deployment(plan, settings, tmp_path / "logs", poll=0.1) as dep:
+    with rehearsal("prefill-failover", settings, tmp_path / "logs") as dep:
+        plan = dep.plan
         answers = [dep.complete(prompt) for prompt in PROMPTS[:3]]
         assert [a.kind for a in answers] == ["ok"] * 3, [a.describe() for a in answers]
         assert all(a.text and a.prompt_tokens for a in answers)

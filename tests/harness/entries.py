@@ -27,7 +27,7 @@ def entry(n: int, dp_size: int = 1, inflight: list[int] | None = None, role: Rol
     return made
 
 
-def instance_view(role: str = "P", port: int = 8100, **changes: Any) -> InstanceView:
+def instance_view(role: Role = "P", port: int = 8100, **changes: Any) -> InstanceView:
     """A healthy READ instance as `/admin/instances` shows it, with ``changes`` applied."""
     base = InstanceView(
         role="P",

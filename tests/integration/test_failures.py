@@ -50,7 +50,7 @@ async def next_request_succeeds(proxy: RunningProxy) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_prefill_timeout_is_504_and_cancels_both_legs(mode: str):
-    async with running_proxy(prefill_timeout=1.0, max_retries=0) as proxy:
+    async with running_proxy(prefill_timeout=2.0, max_retries=0) as proxy:
         prefill = await proxy.add_sim("P", mode=mode, prefill_latency=FOREVER)
         decode = await proxy.add_sim("D", mode=mode)
         await proxy.wait_registered(1, 1)
@@ -70,7 +70,7 @@ async def test_prefill_timeout_is_504_and_cancels_both_legs(mode: str):
 
 
 async def test_decode_first_byte_timeout_is_504():
-    async with running_proxy(decode_first_byte_timeout=1.0, max_retries=0) as proxy:
+    async with running_proxy(decode_first_byte_timeout=2.0, max_retries=0) as proxy:
         await proxy.add_sim("P")
         decode = await proxy.add_sim("D", prefill_latency=FOREVER)
         await proxy.wait_registered(1, 1)
@@ -85,7 +85,7 @@ async def test_decode_first_byte_timeout_is_504():
 
 
 async def test_stream_idle_timeout_ends_with_an_sse_error_event():
-    async with running_proxy(stream_idle_timeout=1.0) as proxy:
+    async with running_proxy(stream_idle_timeout=2.0) as proxy:
         await proxy.add_sim("P")
         decode = await proxy.add_sim("D", token_latency=0.05)
         await proxy.wait_registered(1, 1)
@@ -108,7 +108,7 @@ async def test_stream_idle_timeout_ends_with_an_sse_error_event():
 
 async def test_end_to_end_deadline_bounds_a_long_stream():
     # The first token comes long before the deadline, the last long after it.
-    deadline, tokens = 1.5, 1000
+    deadline, tokens = 2.5, 1000
     async with running_proxy(request_timeout=deadline) as proxy:
         await proxy.add_sim("P")
         decode = await proxy.add_sim("D", token_latency=0.1)

@@ -9,27 +9,18 @@ retransmits or are reset (the streams benchmark saw hundreds of such resets).
 from __future__ import annotations
 
 import asyncio
-import selectors
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from quart import Quart
 
 from moriio_proxy.server import BACKLOG, bind_listener, serve
+from tests.harness.backlog import handshakes_completed, somaxconn
 
 CONNECTIONS = 300  # well past Hypercorn's default of 100, well under ours
-
-
-def _somaxconn() -> int:
-    try:
-        return int(Path("/proc/sys/net/core/somaxconn").read_text())
-    except (OSError, ValueError):
-        return 0
 
 
 def _serving(port: int) -> bool:
@@ -42,38 +33,8 @@ def _serving(port: int) -> bool:
     return True
 
 
-def _handshakes_completed(port: int, count: int, timeout: float) -> int:
-    """Open ``count`` connections at once; how many the kernel completed by ``timeout``."""
-    selector = selectors.DefaultSelector()
-    pending: set[socket.socket] = set()
-    done: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            client = socket.socket()
-            client.setblocking(False)
-            client.connect_ex(("127.0.0.1", port))
-            selector.register(client, selectors.EVENT_WRITE)
-            pending.add(client)
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for key, _ in selector.select(timeout=0.1):
-                client = key.fileobj
-                assert isinstance(client, socket.socket)
-                selector.unregister(client)
-                pending.discard(client)
-                if client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                    done.append(client)
-                else:
-                    client.close()
-        return len(done)
-    finally:
-        for client in [*pending, *done]:
-            client.close()
-        selector.close()
-
-
 def test_connections_queue_past_hypercorns_default_backlog_while_the_loop_is_busy():
-    if _somaxconn() < CONNECTIONS:
+    if somaxconn() < CONNECTIONS:
         pytest.skip(f"net.core.somaxconn is below {CONNECTIONS}: the kernel caps any backlog")
     assert BACKLOG > CONNECTIONS
     sock = bind_listener("127.0.0.1", 0)
@@ -100,7 +61,7 @@ def test_connections_queue_past_hypercorns_default_backlog_while_the_loop_is_bus
         assert frozen.wait(10)
         # The kernel completes handshakes into the accept queue with no help from the
         # process: all of them fit in our backlog, only 101 in Hypercorn's default one.
-        assert _handshakes_completed(port, CONNECTIONS, timeout=5.0) == CONNECTIONS
+        assert handshakes_completed(port, CONNECTIONS, timeout=5.0) == CONNECTIONS
     finally:
         release.set()
         loop.call_soon_threadsafe(stop.set)

@@ -197,9 +197,9 @@ async def test_mixed_tp_is_never_paired_otherwise(
 
 
 async def kv_load_fleet(proxy: RunningProxy, version: str, stall: float) -> SimInstance:
-    """WRITE: a prefill that gives up waiting for a decode's blocks after 0.3 s, a decode
+    """WRITE: a prefill that gives up waiting for a decode's blocks after 1 s, a decode
     that holds every request for ``stall`` seconds first (a long queue), and a good one."""
-    await proxy.add_sim("P", mode="WRITE", vllm_version=version, defer_timeout=0.3)
+    await proxy.add_sim("P", mode="WRITE", vllm_version=version, defer_timeout=1.0)
     slow = await proxy.add_sim("D", mode="WRITE", vllm_version=version)
     await slow.set_faults(stall_first_byte=stall)
     await proxy.wait_registered(1, 1)  # registered first: round robin's first choice
@@ -215,7 +215,7 @@ async def test_a_033_kv_load_failure_is_retried_on_a_fresh_pair(
     endpoint: str, stream: bool
 ) -> None:
     async with running_proxy(decode_policy="round_robin", eject_after=1) as proxy:
-        slow = await kv_load_fleet(proxy, "0.33", stall=0.8)
+        slow = await kv_load_fleet(proxy, "0.33", stall=2.5)
         status, raw = await ask(proxy, endpoint, stream)  # round robin: the slow one first
         assert status == 200, raw
         assert answer_text(endpoint, stream, raw) == expected_text_for(endpoint)
@@ -235,7 +235,7 @@ async def test_a_033_kv_load_failure_is_retried_on_a_fresh_pair(
 async def test_a_032_decode_in_the_same_place_waits_until_the_first_byte_timeout() -> None:
     """0.32 has no write_failed: the proxy only gets out by its own timeout, then retries."""
     async with running_proxy(
-        decode_policy="round_robin", eject_after=0, decode_first_byte_timeout=1.0
+        decode_policy="round_robin", eject_after=0, decode_first_byte_timeout=2.0
     ) as proxy:
         slow = await kv_load_fleet(proxy, "0.32", stall=30.0)
         started = time.monotonic()
@@ -243,7 +243,7 @@ async def test_a_032_decode_in_the_same_place_waits_until_the_first_byte_timeout
         assert status == 200 and answer_text("completions", False, raw) == expected_text_for(
             "completions"
         )
-        assert time.monotonic() - started >= 1.0
+        assert time.monotonic() - started >= 2.0
         assert slow.stats.kv_load_failures == 0
         assert (
             metric(proxy, "moriio_proxy_kv_load_failures_total", {"when": "before_first_byte"}) == 0
@@ -257,10 +257,10 @@ async def test_a_kv_load_failure_without_a_fresh_pair_is_one_clear_error(
     endpoint: str, stream: bool
 ) -> None:
     async with running_proxy() as proxy:
-        await proxy.add_sim("P", mode="WRITE", defer_timeout=0.2)
+        await proxy.add_sim("P", mode="WRITE", defer_timeout=1.0)
         decode = await proxy.add_sim("D", mode="WRITE")
         await proxy.wait_registered(1, 1)
-        await decode.set_faults(stall_first_byte=0.6)
+        await decode.set_faults(stall_first_byte=2.5)
         status, raw = await ask(proxy, endpoint, stream)
         assert status == 502  # nothing had reached the client: a status, not a stream
         assert b"the decode instance failed: the KV cache never arrived" in raw

@@ -12,6 +12,7 @@ from moriio_proxy.protocol import Instance
 from moriio_proxy.registry import Registry
 from moriio_proxy.upstream import UpstreamConnectError
 from moriio_proxy.version_probe import VersionProbe
+from tests.harness.waiting import eventually
 
 
 class FakeUpstream:
@@ -31,14 +32,6 @@ class FakeUpstream:
 
 def instance(n: int, tp: int = 1) -> Instance:
     return Instance("D", f"127.0.0.{n}:8000", f"127.0.0.{n}", 6301, 61005, 1, tp, "WRITE")
-
-
-async def until(condition: Any) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.002)
-    raise AssertionError("condition not reached")
 
 
 def setup(**kwargs: Any) -> tuple[Registry, FakeUpstream, VersionProbe, list[int]]:
@@ -63,7 +56,7 @@ async def test_an_instance_is_asked_when_it_arrives() -> None:
     registry.upsert(instance(2))
     upstream.versions["http://127.0.0.2:8000"] = {"version": "0.33.0"}
     entries = registry.entries()
-    await until(lambda: all(e.vllm_version for e in entries))
+    await eventually(lambda: all(e.vllm_version for e in entries))
     assert [(e.vllm_version, e.release) for e in entries] == [
         ("0.32.0", (0, 32)),
         ("0.33.0", (0, 33)),
@@ -76,11 +69,11 @@ async def test_an_instance_that_does_not_answer_is_asked_again_later() -> None:
     registry, upstream, probe, _ = setup()
     await probe.start()
     registry.upsert(instance(1))
-    await until(lambda: len(upstream.asked) >= 3)
+    await eventually(lambda: len(upstream.asked) >= 3)
     (entry,) = registry.entries()
     assert entry.vllm_version is None  # still unknown: treated as 0.32
     upstream.versions["http://127.0.0.1:8000"] = {"version": "0.33.0"}
-    await until(lambda: entry.vllm_version == "0.33.0")
+    await eventually(lambda: entry.vllm_version == "0.33.0")
     asked = len(upstream.asked)
     await asyncio.sleep(0.1)
     assert len(upstream.asked) == asked  # known: not asked again
@@ -92,7 +85,7 @@ async def test_an_answer_that_is_not_a_version_leaves_it_unknown() -> None:
     upstream.versions["http://127.0.0.1:8000"] = {"detail": "Not Found"}
     await probe.start()
     registry.upsert(instance(1))
-    await until(lambda: len(upstream.asked) >= 2)
+    await eventually(lambda: len(upstream.asked) >= 2)
     assert registry.entries()[0].vllm_version is None and learned == []
     await probe.stop()
 
@@ -103,14 +96,14 @@ async def test_returning_after_eviction_or_with_another_shape_asks_again() -> No
     upstream.versions[base] = {"version": "0.32.0"}
     await probe.start()
     registry.upsert(instance(1))
-    await until(lambda: registry.entries()[0].vllm_version == "0.32.0")
+    await eventually(lambda: registry.entries()[0].vllm_version == "0.32.0")
     registry.remove(instance(1).key, "heartbeat_timeout")
     upstream.versions[base] = {"version": "0.33.0"}  # upgraded while away
     registry.upsert(instance(1))
-    await until(lambda: registry.entries()[0].vllm_version == "0.33.0")
+    await eventually(lambda: registry.entries()[0].vllm_version == "0.33.0")
     upstream.versions[base] = {"version": "0.33.1"}
     registry.upsert(dataclasses.replace(instance(1), tp_size=2))  # restarted, other TP
-    await until(lambda: registry.entries()[0].vllm_version == "0.33.1")
+    await eventually(lambda: registry.entries()[0].vllm_version == "0.33.1")
     await probe.stop()
 
 
@@ -118,7 +111,7 @@ async def test_an_instance_that_leaves_is_no_longer_asked() -> None:
     registry, upstream, probe, _ = setup()
     await probe.start()
     registry.upsert(instance(1))
-    await until(lambda: len(upstream.asked) >= 1)
+    await eventually(lambda: len(upstream.asked) >= 1)
     registry.remove(instance(1).key, "heartbeat_timeout")
     await asyncio.sleep(0.02)
     asked = len(upstream.asked)

@@ -22,6 +22,12 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# The listen() backlog: aiohttp's default (128) makes the kernel drop SYNs past the 129th
+# connection that arrives while the event loop is busy, which a benchmark opening thousands
+# of streams at once does; the clients then wait for SYN retransmits (1 s, 3 s, ...). The
+# proxy's server uses the same figure; the kernel caps it at net.core.somaxconn.
+BACKLOG = 2048
+
 
 def bound_port(site: web.TCPSite, port: int) -> int:
     """The port a site listens on (the one the OS picked when ``port`` is 0)."""
@@ -68,7 +74,7 @@ class HttpListener:
             app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl)
+        self._site = self._new_site()
         await self._site.start()
         self._port = bound_port(self._site, self._port)
 
@@ -113,7 +119,7 @@ class HttpListener:
                     self._port,
                 )
             elif not refuse and self.refusing:
-                site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl)
+                site = self._new_site()
                 try:
                     await site.start()
                 except OSError as e:
@@ -132,6 +138,12 @@ class HttpListener:
                 self.refusing = False
                 self._rebind_error = None
                 logger.warning("%s fault cleared: accepting HTTP connections again", self._tag)
+
+    def _new_site(self) -> web.TCPSite:
+        assert self._runner is not None
+        return web.TCPSite(
+            self._runner, self._host, self._port, backlog=BACKLOG, ssl_context=self._ssl
+        )
 
     async def close_socket(self) -> None:
         """No new connections ("connection refused"); in-flight requests carry on."""

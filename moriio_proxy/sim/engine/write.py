@@ -213,6 +213,8 @@ class WriteTransfers:
         such message: its notify listener raises and dies, so this rank never hears of
         a finished write again while the instance keeps heartbeating."""
         if self._version == "0.32":
+            # Counted here, the same step the listener returns in: nothing reaches it after.
+            self._runner.stats.notify_listeners_died += 1
             raise NotifyListenerDied("unknown message type 'write_failed' (vLLM 0.32)")
         tid = message.get("transfer_id")
         fut = st.write_waiters.pop(tid, None)

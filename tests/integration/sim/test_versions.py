@@ -223,7 +223,8 @@ async def test_write_failed_kills_a_032_decodes_notify_listener(
     ):
         await prefill_then_give_up(http, p, d)
         await eventually(lambda: p.stats.write_failed_sent == 1)
-        await asyncio.sleep(0.05)  # the message reaches the decode's listener, which dies
+        # The message reaches the decode's listener, which dies.
+        await eventually(lambda: d.stats.notify_listeners_died == 1)
         rid, tid = sandwich(p, d), "tx-after"
         d_task = asyncio.ensure_future(
             post(http, d, decode_body(write_decode_params(tid, p)), {"X-Request-Id": rid})
