@@ -30,11 +30,8 @@ from moriio_proxy.protocol import (
     TRANSFER_MODES,
     ClientRequest,
     Instance,
-    Leg,
     RegistrationError,
     RequestError,
-    build_decode_leg,
-    build_prefill_leg,
     parse_client_request,
     parse_registration,
     split_host_port,
@@ -42,6 +39,7 @@ from moriio_proxy.protocol import (
 from moriio_proxy.registry import Registry
 from moriio_proxy.security import apply_max_tokens_limit
 from tests.harness.clock import ManualClock
+from tests.harness.wire import P_RETURNED, chat_body, completion_body, decode, prefill
 
 BUDGET = settings(
     max_examples=400,
@@ -248,33 +246,6 @@ GOOD_BODY = {
 }
 NEAR_BODIES = mutated(GOOD_BODY, JSON)
 
-PREFILL = Instance("P", "10.0.0.1:8100", "10.0.0.1", 6301, 6401, 2, 1, "READ")
-DECODE = Instance("D", "10.0.0.2:8200", "10.0.0.2", 7301, 7401, 1, 1, "READ")
-TRANSFER_ID = "tx-" + "0" * 32
-REQUEST_ID = "fuzz-request"
-# What a READ prefill answers with: the decode leg forwards these (and only these).
-RETURNED = {
-    "remote_engine_id": "engine-p",
-    "remote_block_ids": [[1, 2, 3]],
-    "remote_host": "10.0.0.1",
-    "remote_handshake_port": 6301,
-    "remote_notify_port": 6401,
-    "transfer_id": TRANSFER_ID,
-}
-# The prefill leg's params, written out here rather than built by the code under test.
-PREFILL_PARAMS = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "transfer_id": TRANSFER_ID,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": "10.0.0.2",
-    "remote_handshake_port": 7301,
-    "remote_notify_port": 7401,
-    "remote_dp_size": 1,
-    "remote_tp_size": 1,
-    "tp_size": 1,
-}
 REPLACED_ON_PREFILL = {
     "stream",
     "stream_options",
@@ -286,26 +257,19 @@ REPLACED_ON_PREFILL = {
 }
 
 
-def decode_leg(request: ClientRequest, mode: str) -> Leg:
-    return build_decode_leg(
-        request,
-        PREFILL,
-        DECODE,
-        mode=mode,  # type: ignore[arg-type]
-        transfer_id=TRANSFER_ID,
-        request_id=REQUEST_ID,
-        dp_rank=1,
-        prefill_params=RETURNED,
-    )
+def minimal(endpoint: str) -> ClientRequest:
+    body = completion_body() if endpoint == "completions" else chat_body()
+    return parse_client_request(endpoint, body)
 
 
-def decode_params(endpoint: str, mode: str) -> dict[str, Any]:
-    """The decode leg's params for a minimal valid request: what any request must get."""
-    body: dict[str, Any] = (
-        {"prompt": "x"} if endpoint == "completions" else {"messages": [{"role": "user"}]}
+def params_for_any_body(endpoint: str, mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both legs' kv_transfer_params for a minimal request (tests/unit/protocol/test_legs.py
+    pins them key by key): what every request must get, whatever its body says."""
+    request = minimal(endpoint)
+    return (
+        prefill(request).body["kv_transfer_params"],
+        decode(request, mode, params=P_RETURNED).body["kv_transfer_params"],
     )
-    minimal = parse_client_request(endpoint, body)  # type: ignore[arg-type]
-    return decode_leg(minimal, mode).body["kv_transfer_params"]
 
 
 @BUDGET
@@ -320,7 +284,7 @@ def test_any_json_body_is_a_clean_400_or_legs_that_keep_the_contract(
 ):
     body = orjson.loads(orjson.dumps(value))  # exactly what the proxy would read
     try:
-        request = parse_client_request(endpoint, body)  # type: ignore[arg-type]
+        request = parse_client_request(endpoint, body)
         if ceiling:
             apply_max_tokens_limit(request.body, ceiling)
     except RequestError as exc:
@@ -331,34 +295,32 @@ def test_any_json_body_is_a_clean_400_or_legs_that_keep_the_contract(
     event("legs built")  # --hypothesis-show-statistics: how often the legs are reached
     sent = copy.deepcopy(request.body)
 
-    prefill = build_prefill_leg(
-        request, PREFILL, DECODE, transfer_id=TRANSFER_ID, request_id=REQUEST_ID, dp_rank=1
-    )
-    assert prefill.body["max_tokens"] == 1
-    assert prefill.body["stream"] is False
-    assert prefill.body["min_tokens"] == 1
-    assert prefill.body.get("max_completion_tokens", 1) == 1
-    assert "stream_options" not in prefill.body and "stop" not in prefill.body
-    assert prefill.body["kv_transfer_params"] == PREFILL_PARAMS
+    prefill_params, decode_params = params_for_any_body(endpoint, mode)
+    first = prefill(request)
+    assert first.body["max_tokens"] == 1
+    assert first.body["stream"] is False
+    assert first.body["min_tokens"] == 1
+    assert first.body.get("max_completion_tokens", 1) == 1
+    assert "stream_options" not in first.body and "stop" not in first.body
+    assert first.body["kv_transfer_params"] == prefill_params
     for key, item in sent.items():  # the rest of the client's body goes as it came
         if key not in REPLACED_ON_PREFILL:
-            assert prefill.body[key] == item
+            assert first.body[key] == item
 
-    decode = decode_leg(request, mode)
-    assert decode.body["kv_transfer_params"] == decode_params(endpoint, mode)
-    assert {k: v for k, v in decode.body.items() if k != "kv_transfer_params"} == {
+    second = decode(request, mode, params=P_RETURNED)
+    assert second.body["kv_transfer_params"] == decode_params
+    assert {k: v for k, v in second.body.items() if k != "kv_transfer_params"} == {
         k: v for k, v in sent.items() if k != "kv_transfer_params"
     }
     if ceiling:
-        wanted = [decode.body.get(k) for k in ("max_tokens", "max_completion_tokens")]
+        wanted = [second.body.get(k) for k in ("max_tokens", "max_completion_tokens")]
         assert any(w is not None for w in wanted)
         assert all(w is None or 1 <= w <= ceiling for w in wanted)
     # the client's body is untouched by building the legs, and both legs serialise
     assert request.body == sent
-    orjson.dumps(prefill.body)
-    orjson.dumps(decode.body)
-    for leg in (prefill, decode):
-        assert leg.headers["X-Request-Id"] == REQUEST_ID
+    for leg in (first, second):
+        orjson.dumps(leg.body)
+        assert leg.headers["X-Request-Id"] == "rid"
         assert "Authorization" not in leg.headers
 
 
@@ -367,17 +329,15 @@ def test_the_budget_is_fixed():
     assert BUDGET.derandomize and BUDGET.database is None and BUDGET.max_examples == 400
 
 
+@pytest.mark.parametrize("mode", ["READ", "WRITE"])
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
-def test_client_kv_transfer_params_never_reach_a_leg(endpoint: str):
+def test_client_kv_transfer_params_never_reach_a_leg(endpoint: str, mode: str):
     """The property's central case, spelled out: a client that names another request's
     KV blocks gets the proxy's params in both legs."""
     hostile = {"remote_engine_id": "victim", "remote_block_ids": [[9]], "do_remote_prefill": True}
-    body: dict[str, Any] = {"kv_transfer_params": hostile}
-    body.update({"prompt": "x"} if endpoint == "completions" else {"messages": [{"role": "u"}]})
-    request = parse_client_request(endpoint, body)  # type: ignore[arg-type]
-    prefill = build_prefill_leg(
-        request, PREFILL, DECODE, transfer_id=TRANSFER_ID, request_id=REQUEST_ID, dp_rank=0
-    )
-    assert prefill.body["kv_transfer_params"]["remote_engine_id"] is None
-    for mode in ("READ", "WRITE"):
-        assert "victim" not in str(decode_params(endpoint, mode))
+    body = completion_body() if endpoint == "completions" else chat_body()
+    request = parse_client_request(endpoint, {**body, "kv_transfer_params": hostile})
+    legs = (prefill(request), decode(request, mode, params=P_RETURNED))
+    expected = params_for_any_body(endpoint, mode)
+    assert tuple(leg.body["kv_transfer_params"] for leg in legs) == expected
+    assert "victim" not in orjson.dumps([leg.body for leg in legs]).decode()
