@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from moriio_proxy.cli import build_parser
+from moriio_proxy.cli import main as cli_main
 from moriio_proxy.config import ConfigError, load_config
 from moriio_proxy.protocol import RequestError, parse_registration
 from moriio_proxy.registry import Registry
@@ -330,3 +331,16 @@ def test_the_scheme_comes_from_the_config_or_a_static_https_address():
     assert parse_registration({**beat, "scheme": "https"}).scheme == "https"
     with pytest.raises(ValueError, match="scheme"):
         parse_registration({**beat, "scheme": "ftp"})
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_unreadable_keys_file_stops_serve_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str
+):
+    code = cli_main(
+        ["serve", "--workers", workers, "--api-key-file", str(tmp_path / "missing"), "--port", "0"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moriio-proxy: error: --api-key-file: cannot read")
+    assert len(err.strip().splitlines()) == 1
