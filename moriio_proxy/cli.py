@@ -80,11 +80,14 @@ def _addrun_proxy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                 option.flag, dest=option.name, action="store_const", const=True, help=help_text
             )
             continue
+        # A repeated option takes one or more values, as often as given (--api-key A B
+        # --api-key C), which covers both ways vllm serve's --api-key is written.
         serve.add_argument(
             option.flag,
             dest=option.name,
             default=None,
-            action="append" if option.repeated else "store",
+            action="extend" if option.repeated else "store",
+            nargs="+" if option.repeated else None,
             metavar=option.metavar or option.name.split("_")[-1].upper(),
             help=help_text,
         )

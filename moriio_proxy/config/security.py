@@ -11,8 +11,9 @@ SECURITY_OPTIONS: tuple[Option, ...] = (
     Option(
         "api_key",
         parsers.secret_list,
-        "client API key for the generation routes and /v1/models (Authorization: Bearer "
-        "KEY); repeat the flag for several keys (comma-separated in the environment)",
+        "client API keys for the generation routes and /v1/models (Authorization: Bearer "
+        "KEY), as vllm serve takes them: --api-key A B, or the flag repeated "
+        "(comma-separated in the environment)",
         default_text="none: no key needed",
         metavar="KEY",
         repeated=True,

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from ..protocol import error_body
-from .keys import KeyRing, bearer
+from .keys import KeyRing, bearer, canonical
 from .limits import head_size, head_too_large
 
 Scope = MutableMapping[str, Any]
@@ -128,7 +128,7 @@ class AccessGuard:
         authorization = _authorization(scope)
         if authorization is None:
             return 401, "this admin path needs 'Authorization: Bearer TOKEN' (--admin-token)"
-        if not hmac.compare_digest(authorization, self._admin):
+        if not hmac.compare_digest(canonical(authorization), self._admin):
             return 403, "the admin token is not valid"
         return None
 

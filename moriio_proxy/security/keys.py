@@ -3,7 +3,8 @@
 The check runs on every generation request, so everything it can be done ahead is: each
 key is kept as the whole header value a client sends (``Bearer KEY``, spelled as vLLM's
 own ``--api-key`` check spells it), and a request costs one ``hmac.compare_digest`` per
-configured key on the header bytes Hypercorn already holds: no decoding, no slicing. The
+configured key on the header bytes Hypercorn already holds: no decoding, no slicing (the
+scheme written in another case, ``bearer``, is rebuilt once). The
 comparison takes the same time wherever the first differing byte is, and every key is
 compared (no early exit), so timing tells a caller nothing about how close a guess came.
 """
@@ -25,6 +26,15 @@ class KeyFileError(ValueError):
 def bearer(secret: str) -> bytes:
     """The ``Authorization`` header value that carries ``secret``."""
     return b"Bearer " + secret.encode("ascii")
+
+
+def canonical(authorization: bytes) -> bytes:
+    """The header value with its scheme spelled ``Bearer``: the scheme is case-insensitive
+    (RFC 9110 §11.1; vLLM accepts ``bearer`` too). The usual spelling costs one prefix
+    test; another one is rebuilt."""
+    if authorization.startswith(b"Bearer ") or authorization[:7].lower() != b"bearer ":
+        return authorization
+    return b"Bearer " + authorization[7:]
 
 
 def read_key_file(path: str) -> tuple[str, ...]:
@@ -94,6 +104,8 @@ class KeyRing:
         """
         if authorization is None:
             return None
+        if not authorization.startswith(b"Bearer "):  # inlined: the usual case skips a call
+            authorization = canonical(authorization)
         found = None
         for expected in self._expected:
             if hmac.compare_digest(authorization, expected):

@@ -36,6 +36,8 @@ def serve_args(*argv: str) -> dict[str, Any]:
 def test_api_key_is_repeatable_as_vllm_spells_it_and_comma_separated_in_the_env():
     config = load_config(serve_args("--api-key", "sk-a", "--api-key", "sk-b"), env={})
     assert config.api_key == ("sk-a", "sk-b")
+    several = serve_args("--api-key", "sk-a", "sk-b", "--api-key", "sk-c", "--port", "1")
+    assert load_config(several, env={}).api_key == ("sk-a", "sk-b", "sk-c")
     assert load_config(env={"MORIIO_PROXY_API_KEY": "sk-a, sk-b"}).api_key == ("sk-a", "sk-b")
 
 
@@ -94,6 +96,7 @@ def test_the_key_ring_matches_whole_bearer_values_only(tmp_path: Path):
     ring = KeyRing(["sk-a"], "")
     assert ring.enabled and len(ring) == 1
     assert ring.match(b"Bearer sk-a") == b"Bearer sk-a"
+    assert ring.match(b"bearer sk-a") == ring.match(b"BEARER sk-a") == b"Bearer sk-a"
     for wrong in (None, b"", b"Bearer sk-", b"Bearer sk-ab", b"bearer", b"sk-a", b"Basic sk-a"):
         assert ring.match(wrong) is None, wrong
     assert not KeyRing().enabled
@@ -196,6 +199,8 @@ def test_an_admin_route_nobody_wrote_yet_is_guarded(method: str):
     assert wrong.status == 403
     right = call({"admin_token": "t"}, method, "/admin/anything", authorization="Bearer t")
     assert right.status is None and right.reached == 1
+    lower = call({"admin_token": "t"}, method, "/admin/anything", authorization="bearer t")
+    assert lower.reached == 1
 
 
 def test_without_a_token_reads_pass_and_loopback_is_let_in_only_when_allowed():
