@@ -13,8 +13,9 @@ import pytest
 from moriio_proxy.config import ConfigError, load_config
 from moriio_proxy.security import server_tls, upstream_ssl_context
 from moriio_proxy.sim import expected_text
-from tests.harness import running_proxy
+from tests.harness import eventually, running_proxy
 from tests.harness.certs import Authority, make_ca
+from tests.harness.serve import serve_process
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 BODY = {"model": "sim-model", "prompt": PROMPT, "max_tokens": 4}
@@ -140,3 +141,34 @@ def test_an_upstream_client_certificate_is_loaded(ca: Authority):
     assert context is not None
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert upstream_ssl_context(load_config({}, env={})) is None
+
+
+async def test_every_worker_serves_https(ca: Authority):
+    """``serve --workers 2``: the workers (not only a one-process proxy) load the
+    certificate and require the client CA."""
+    async with serve_process(
+        "--workers",
+        "2",
+        "--certfile",
+        ca.server.cert,
+        "--keyfile",
+        ca.server.key,
+        "--ca-certs",
+        ca.ca,
+    ) as running:
+        assert running.url.startswith("https://")
+        signed = client_context(ca, (ca.client.cert, ca.client.key))
+
+        async def all_answer() -> bool:
+            for _ in range(8):  # fresh connections: the kernel spreads them over the workers
+                try:
+                    if await get_status(running.url + "/health", signed) != 200:
+                        return False
+                except aiohttp.ClientError:
+                    return False
+            return True
+
+        await eventually(all_answer, what="every worker answering over mTLS")
+        for _ in range(8):
+            with pytest.raises(aiohttp.ClientError):
+                await get_status(running.url + "/health", client_context(ca))
