@@ -11,8 +11,9 @@ import aiohttp
 import pytest
 
 from moriio_proxy.config import ConfigError, load_config
+from moriio_proxy.protocol import parse_registration
 from moriio_proxy.security import server_tls, upstream_ssl_context
-from moriio_proxy.sim import expected_text
+from moriio_proxy.sim import SimConfig, SimInstance, expected_text
 from tests.harness import eventually, running_proxy
 from tests.harness.certs import Authority, make_ca
 from tests.harness.serve import serve_process
@@ -172,3 +173,38 @@ async def test_every_worker_serves_https(ca: Authority):
         for _ in range(8):
             with pytest.raises(aiohttp.ClientError):
                 await get_status(running.url + "/health", client_context(ca))
+
+
+async def test_static_instances_listed_with_https_need_no_scheme_flag(ca: Authority):
+    """A static instance in the older shape with an https:// request_address is reached
+    over TLS while --upstream-scheme stays http."""
+    tls = {"ssl_certfile": ca.server.cert, "ssl_keyfile": ca.server.key}
+    sims = [SimInstance(SimConfig(role=role, proxy=None, **tls)) for role in "PD"]
+    for sim in sims:
+        await sim.start()
+    try:
+        statics = [
+            parse_registration(
+                {
+                    "type": "register",
+                    "role": sim.config.role,
+                    "request_address": sim.url + "/v1/completions",
+                    "handshake_port": sim.handshake_base,
+                    "notify_port": sim.notify_base,
+                    "transfer_mode": sim.config.mode,
+                }
+            )
+            for sim in sims
+        ]
+        assert {s.scheme for s in statics} == {"https"}
+        async with (
+            running_proxy(static_instances=statics, upstream_ca_bundle=ca.ca) as p,
+            aiohttp.ClientSession() as http,
+            http.post(p.url + "/v1/completions", json=BODY) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+            assert expected_text(PROMPT, 4) in await resp.text()
+    finally:
+        for sim in sims:
+            await sim.stop()
+    assert len([leg for s in sims for leg in s.legs]) == 2
