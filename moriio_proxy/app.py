@@ -1,5 +1,6 @@
-"""The Quart app: health, readiness, metrics, admin and model-list routes, startup and
-shutdown, with the generation routes mounted in front of it (completions.py).
+"""The Quart app: health, readiness, metrics and model-list routes (the admin and profiler
+routes come from admin/routes.py), startup and shutdown, with the generation routes
+mounted in front of it (completions.py).
 
 ``create_app(config)`` builds everything a request needs as objects owned by the app (no
 module-level state), so tests build as many independent proxies as they like in-process.
@@ -13,26 +14,34 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
+from .admin.routes import add_admin_routes
 from .completions import ASGIApp, CompletionsEndpoint
 from .config import ProxyConfig
 from .disagg import Disaggregator
 from .discovery import DiscoverySource, make_discovery
 from .discovery.mirror import fleet_inflight_of
-from .metrics import CONTENT_TYPE, Metrics
-from .pairing import unpaired_reason
+from .metrics import CONTENT_TYPE, InstanceLoad, Metrics
 from .policies import LoadBound, PolicySettings, make_decode_policy, make_prefill_policy
 from .protocol import error_body
 from .registry import Entry, Registry
 from .security import AccessGuard, KeyLimits, KeyRing
-from .state import ProxyState, build_registry, build_upstream
+from .state import (
+    ProxyState,
+    build_access_log,
+    build_registry,
+    build_tracing,
+    build_upstream,
+)
 from .upstream import UpstreamError
 from .version_probe import VersionProbe
-from .views import AdminInstances, InstanceState, InstanceView
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger("moriio_proxy")
 
@@ -52,10 +61,12 @@ def create_app(
     discovery: DiscoveryFactory | None = None,
     *,
     clock: Callable[[], float] = time.monotonic,
+    tracing: Tracing | None = None,
 ) -> Quart:
     """The proxy as a Quart app; ``discovery`` replaces the configured source (a worker
     of ``serve --workers N`` mirrors its supervisor's registry instead); ``clock`` is the
-    registry's (TTLs, ejection periods), which a test may move instead of sleeping."""
+    registry's (TTLs, ejection periods), which a test may move instead of sleeping;
+    ``tracing`` replaces the one ``--otlp-traces-endpoint`` builds (a test's exporter)."""
     app = Quart("moriio_proxy")
     # Streams last as long as generation does; our own timeouts bound every upstream wait.
     app.config["RESPONSE_TIMEOUT"] = None
@@ -86,10 +97,25 @@ def create_app(
     keys = KeyRing(config.api_key, config.api_key_file)
     limits = KeyLimits(config.max_inflight_per_key, config.rate_limit_per_key)
     proxy = ProxyState(
-        config, registry, metrics, upstream, source, disagg, versions, keys=keys, limits=limits
+        config,
+        registry,
+        metrics,
+        upstream,
+        source,
+        disagg,
+        versions,
+        access_log=build_access_log(config),
+        tracing=tracing if tracing is not None else build_tracing(config),
+        keys=keys,
+        limits=limits,
     )
     app.extensions["moriio_proxy"] = proxy
-    metrics.watch(lambda: [e.instance.role for e in registry.entries()])
+    metrics.watch(lambda: [_load(e) for e in registry.entries()])
+
+    def forget(_: Registry, entry: Entry, **__: Any) -> None:
+        metrics.forget_instance(entry.instance.role, entry.instance.http_address)
+
+    registry.instance_removed.connect(forget, sender=registry, weak=False)
 
     app.before_serving(proxy.start)
     app.after_serving(proxy.stop)
@@ -125,11 +151,7 @@ def create_app(
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), 200, content_type=CONTENT_TYPE)
 
-    @app.get("/admin/instances")
-    async def admin_instances() -> Response:
-        live = {role: registry.healthy(role) for role in ("P", "D")}
-        described = tuple(_describe(proxy, e, live) for e in registry.entries())
-        return _json(AdminInstances(registry.mode, described).to_json())
+    add_admin_routes(app, proxy)
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
@@ -178,35 +200,7 @@ async def _models(proxy: ProxyState) -> Response:
     return _json({"object": "list", "data": list(seen.values())})
 
 
-def _describe(proxy: ProxyState, entry: Entry, live: dict[str, list[Entry]]) -> InstanceView:
-    """One instance for /admin/instances; ``live`` holds the healthy instances by role,
-    the peers it is judged against for pairing."""
-    registry = proxy.registry
+def _load(entry: Entry) -> InstanceLoad:
+    """An instance for the scrape-time gauges; in flight: every worker's legs."""
     inst = entry.instance
-    peers = live["D" if inst.role == "P" else "P"]
-    silence = registry.silence(entry)
-    inflight = fleet_inflight_of(entry)  # every worker's legs under serve --workers N
-    condition: InstanceState = (
-        "ejected"
-        if registry.is_ejected(entry)
-        else "healthy"
-        if entry.static or silence <= registry.ttl
-        else "stale"
-    )
-    return InstanceView(
-        role=inst.role,
-        http_address=inst.http_address,
-        zmq_address=inst.zmq_address,
-        transfer_mode=inst.transfer_mode,
-        dp_size=inst.dp_size,
-        tp_size=inst.tp_size,
-        static=entry.static,
-        age_seconds=round(registry.age(entry), 3),
-        seconds_since_heartbeat=None if entry.static else round(silence, 3),
-        state=condition,
-        consecutive_failures=entry.failures,
-        inflight=sum(inflight),
-        inflight_by_dp_rank=inflight[: inst.dp_size],
-        vllm_version=entry.vllm_version,
-        unpaired=unpaired_reason(entry, peers, registry.mode or inst.transfer_mode),
-    )
+    return InstanceLoad(inst.role, inst.http_address, sum(fleet_inflight_of(entry)))

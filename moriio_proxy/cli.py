@@ -1,4 +1,4 @@
-"""The ``moriio-proxy`` command: ``serve``, ``sim``, ``demo`` and ``check``.
+"""The ``moriio-proxy`` command: ``serve``, ``sim``, ``demo``, ``check`` and ``admin``.
 
 Exit codes: 0 clean shutdown, 2 bad usage or configuration (one line on stderr), 1 for
 anything else (a port already taken, an engine that died in the simulator).
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from . import check as check_command
+from .admin import command as admin_command
 from .config import OPTIONS, ConfigError, ProxyConfig, load_config
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim(sub)
     _add_demo(sub)
     check_command.add_parser(sub)
+    admin_command.add_parser(sub)
     return parser
 
 
@@ -282,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check":
         return check_command.main(args)
+    if args.command == "admin":
+        return admin_command.main(args)
     try:
         if args.command == "serve":
             cli_values = {o.name: getattr(args, o.name) for o in OPTIONS}
@@ -375,6 +379,10 @@ async def run_proxy(
     """Serve until ``stop`` (SIGINT/SIGTERM); ``on_serving`` gets the state once both ports
     listen (the demo starts its simulated instances then)."""
     stop = stop or stop_event()
+    if config.otlp_traces_endpoint:
+        from .state import require_tracing
+
+        require_tracing()  # one clear line before any process starts, not one per worker
     from .security import server_tls
 
     tls = server_tls(config)  # a bad certificate is a one-line error before anything binds

@@ -22,9 +22,11 @@ from typing import Any
 
 import orjson
 
+from .answer import JsonAnswer, ProxyError, StreamAnswer
 from .compat import timeout_after
-from .disagg import JsonAnswer, ProxyError, StreamAnswer, client_id
+from .disagg import client_id
 from .protocol import Endpoint, RequestError, error_body, parse_client_request
+from .record import RequestRecord
 from .security import CHALLENGE, apply_max_tokens_limit, head_too_large, key_problem
 from .state import ProxyState
 
@@ -46,6 +48,8 @@ _SSE = [
     (b"x-accel-buffering", b"no"),
 ]
 _END = {"type": "http.response.body", "body": b"", "more_body": False}
+# The status a request the client abandoned is logged with (nginx's "client closed").
+CLIENT_CLOSED = 499
 
 
 class _BodyError(Exception):
@@ -82,26 +86,33 @@ class CompletionsEndpoint:
     async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         proxy, metrics = self.proxy, self.proxy.metrics
-        request_id, length, session, authorization, head = _headers(scope, self._session_header)
+        request_id, length, session, traceparent, authorization, head = _headers(
+            scope, self._session_header
+        )
         suffix = client_id(request_id)
+        record = RequestRecord(endpoint, suffix, started)
         headers = [(b"x-request-id", suffix.encode())]
         if head > self._max_head:
             metrics.count_request(endpoint, "bad_request")
+            self._log(record, 431, "bad_request")
             return await _send_error(send, 431, head_too_large(self._max_head), headers)
         client: Any = None  # who the per-client limits count: the key, else the address
         if self._keys is not None:
             client = self._keys.match(authorization)
             if client is None:
                 metrics.rejected.labels("unauthorized").inc()
+                self._log(record, 401, "unauthorized")
                 return await _send_error(
                     send, 401, key_problem(authorization), [*headers, CHALLENGE]
                 )
         if proxy.draining:
             metrics.rejected.labels("draining").inc()
+            self._log(record, 503, "draining")
             return await _send_error(send, 503, "the proxy is shutting down", headers)
         limit = proxy.config.max_inflight
         if limit and proxy.inflight >= limit:
             metrics.rejected.labels("over_capacity").inc()
+            self._log(record, 429, "over_capacity")
             message = f"the proxy is at its limit of {limit} requests in flight; retry shortly"
             return await _send_error(send, 429, message, [*headers, (b"retry-after", b"1")])
         try:
@@ -117,13 +128,16 @@ class CompletionsEndpoint:
                 apply_max_tokens_limit(parsed.body, self._max_tokens)
         except _BodyError as exc:
             metrics.count_request(endpoint, "bad_request")
+            self._log(record, exc.status, "bad_request")
             return await _send_error(send, exc.status, exc.message, headers)
         except RequestError as exc:
             metrics.count_request(endpoint, "bad_request")
+            self._log(record, 400, "bad_request")
             body = orjson.dumps(error_body(exc.message, 400, param=exc.param))
             return await _send_json(send, 400, body, headers)
         except orjson.JSONDecodeError as exc:
             metrics.count_request(endpoint, "bad_request")
+            self._log(record, 400, "bad_request")
             return await _send_error(send, 400, f"request body is not valid JSON: {exc}", headers)
 
         limits = self._limits
@@ -133,23 +147,31 @@ class CompletionsEndpoint:
             refused = limits.admit(client)
             if refused is not None:
                 metrics.rejected.labels("client_limit").inc()
+                self._log(record, 429, "client_limit")
                 message, retry = refused
                 extra = [*headers, (b"retry-after", str(retry).encode())]
                 return await _send_error(send, 429, message, extra)
+        record.stream = parsed.stream
+        if proxy.tracing is not None:
+            record.trace = proxy.tracing.request(endpoint, suffix, traceparent)
         watcher = _DisconnectWatcher(receive)
         try:
-            await self._answer(endpoint, parsed, suffix, session, headers, started, send, client)
+            await self._answer(parsed, session, headers, record, send, client)
         finally:
             watcher.stop()
 
+    def _log(self, record: RequestRecord, status: int, outcome: str) -> None:
+        """The access-log line of a request refused before it reached an instance."""
+        if self.proxy.access_log is not None:
+            record.status, record.outcome, record.ended = status, outcome, time.monotonic()
+            self.proxy.access_log.write(record)
+
     async def _answer(
         self,
-        endpoint: Endpoint,
         parsed: Any,
-        suffix: str,
         session: str | None,
         headers: list[tuple[bytes, bytes]],
-        started: float,
+        record: RequestRecord,
         send: Send,
         client: Any,
     ) -> None:
@@ -158,7 +180,7 @@ class CompletionsEndpoint:
         metrics.inflight.inc()
         finished = False
 
-        def finish(outcome: str) -> None:
+        def finish(status: int, outcome: str) -> None:
             nonlocal finished
             if not finished:
                 finished = True
@@ -166,45 +188,68 @@ class CompletionsEndpoint:
                     limits.release(client)
                 proxy.inflight -= 1
                 metrics.inflight.dec()
-                metrics.count_request(endpoint, outcome)
-                metrics.request_seconds.labels(endpoint).observe(time.monotonic() - started)
+                metrics.count_request(record.endpoint, outcome)
+                record.status, record.outcome, record.ended = status, outcome, time.monotonic()
+                metrics.observe(record)
+                if proxy.access_log is not None:
+                    proxy.access_log.write(record)
+                if record.trace is not None:
+                    record.trace.finish(record)
 
         try:
-            answer = await proxy.disagg.handle(parsed, suffix, session)
+            answer = await proxy.disagg.handle(parsed, record.request_id, session, record)
         except ProxyError as exc:
-            finish("no_instances" if exc.status == 503 else f"error_{exc.status}")
+            status = exc.status
+            finish(status, "no_instances" if status == 503 else f"error_{status}")
             extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-            return await _send_json(send, exc.status, orjson.dumps(exc.body()), headers + extra)
+            return await _send_json(send, status, orjson.dumps(exc.body()), headers + extra)
         except asyncio.CancelledError:
-            finish("cancelled")
+            finish(CLIENT_CLOSED, "cancelled")
             raise
         except Exception:
-            finish("error_500")
-            log.exception("unhandled error while serving /v1/%s", endpoint)
+            finish(500, "error_500")
+            log.exception("unhandled error while serving /v1/%s", record.endpoint)
             return await _send_error(
                 send, 500, "internal proxy error; see the proxy's log", headers
             )
         if isinstance(answer, JsonAnswer):
-            metrics.first_byte_seconds.observe(time.monotonic() - started)
-            finish("ok")
+            record.first_byte = time.monotonic()
+            finish(200, "ok")
             return await _send_json(send, 200, answer.body, headers)
-        await self._stream(answer, headers, started, finish, send)
+        await self._stream(answer, headers, record, finish, send)
 
     async def _stream(
         self,
         answer: StreamAnswer,
         headers: list[tuple[bytes, bytes]],
-        started: float,
-        finish: Callable[[str], None],
+        record: RequestRecord,
+        finish: Callable[[int, str], None],
         send: Send,
     ) -> None:
-        metrics = self.proxy.metrics
         relay = answer.chunks
-        relay.on_first_byte = lambda: metrics.first_byte_seconds.observe(time.monotonic() - started)
-        relay.add_close_callback(lambda: finish("ok" if relay.saw_done else "stream_error"))
+
+        gaps = self.proxy.metrics.chunk_gaps(record.endpoint, record.mode)
+
+        def closed() -> None:
+            if relay.saw_done:
+                record.chunks -= 1  # [DONE] is not a token
+            gaps.flush()
+            finish(200, "ok" if relay.saw_done else "stream_error")
+
+        relay.add_close_callback(closed)
+        gap = gaps.add
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE + headers})
             async for block in relay:
+                # The client's view of the stream: when each write leaves, and how many
+                # events (about one token each) it holds.
+                now = time.monotonic()
+                if record.last_chunk is None:
+                    record.first_byte = now
+                else:
+                    gap(now - record.last_chunk)
+                record.last_chunk = now
+                record.chunks += block.count(b"\n\n")
                 await send({"type": "http.response.body", "body": block, "more_body": True})
             await send(_END)
         except asyncio.CancelledError:
@@ -242,19 +287,22 @@ class _DisconnectWatcher:
 
 def _headers(
     scope: Scope, session_header: bytes
-) -> tuple[str | None, int | None, str | None, bytes | None, int]:
-    """The client's X-Request-Id, Content-Length, session and Authorization headers (the
-    last one raw: the key check compares bytes) and the head's size
+) -> tuple[str | None, int | None, str | None, str | None, bytes | None, int]:
+    """The client's X-Request-Id, Content-Length, session header, W3C traceparent and
+    Authorization (raw: the key check compares bytes), and the head's size
     (security.limits.head_size), in one pass."""
     request_id: str | None = None
     length: int | None = None
     session: str | None = None
+    traceparent: str | None = None
     authorization: bytes | None = None
     size = len(scope["raw_path"]) + len(scope["query_string"])
     for name, value in scope["headers"]:
         size += len(name) + len(value)
         if name == b"x-request-id":
             request_id = value.decode("latin-1")
+        elif name == b"traceparent":
+            traceparent = value.decode("latin-1")
         elif name == b"content-length":
             try:
                 length = int(value)
@@ -264,7 +312,7 @@ def _headers(
             authorization = value
         elif name == session_header:
             session = value.decode("latin-1")
-    return request_id, length, session, authorization, size
+    return request_id, length, session, traceparent, authorization, size
 
 
 def _text(value: bytes | None) -> str | None:

@@ -1,108 +1,37 @@
-"""One request's way through a prefill/decode pair.
+"""One request's way to an answer: choose a pair, try it, retry on a fresh pair.
 
-READ mode is strictly serial (decode needs the block ids prefill returns); WRITE mode
-sends both legs at once (decode allocates and tells prefill where to write). In both,
-the prefill answer is awaited and checked before a byte reaches the client, so a failed
-prefill becomes one clear error and never a decode that waits forever for KV.
+An attempt on one pair (both legs, READ serial or WRITE concurrent) is ``attempt``'s; this
+module decides what a failed attempt means: which instance to blame, whether another pair
+could do better while no byte has reached the client, and what the client is told when
+none can.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import re
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, TypeVar
 
-import orjson
-
+from .answer import JsonAnswer, ProxyError, StreamAnswer
+from .attempt import Attempts, LegFailure, new_nonce
 from .compat import timeout_after
 from .metrics import Metrics
 from .pairing import NoPairError, Pair, PairChooser
 from .policies import DecodePolicy, PrefillPolicy, RoutingContext, routing_context
-from .protocol import (
-    ClientRequest,
-    Instance,
-    TransferMode,
-    build_decode_leg,
-    build_prefill_leg,
-    check_read_params,
-    error_body,
-    new_request_id,
-    new_transfer_id,
-    prefill_as_answer,
-)
-from .registry import Entry, Registry
-from .relay import DONE, Relay, Scrubber, error_status, public_message, sse_event
-from .tasks import BackgroundTasks
+from .protocol import ClientRequest
+from .record import RequestRecord
+from .registry import Registry
+from .relay import public_message
 from .upstream import Upstream, UpstreamError, UpstreamKvLoadError, UpstreamStatusError
-from .versions import is_kv_load_failure, maps_write_tp
+
+__all__ = ["Disaggregator", "JsonAnswer", "ProxyError", "StreamAnswer", "client_id", "new_nonce"]
 
 log = logging.getLogger("moriio_proxy.disagg")
 
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_T = TypeVar("_T")
 _INTERNAL_ID_RE = re.compile(r"___prefill_addr_.*?___decode_addr_.*?_[0-9a-f]{32}")
-
-
-class ProxyError(Exception):
-    """What the client is told when a request cannot be served: a status and a message."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        err_type: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.err_type = err_type
-        self.param = param
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.status, self.err_type, self.param)
-
-
-@dataclass
-class JsonAnswer:
-    """A whole (non-streaming) answer: JSON bytes, already scrubbed of internal ids."""
-
-    body: bytes
-
-
-@dataclass
-class StreamAnswer:
-    """SSE bytes for the client. Iterate it or ``close()`` it: either way upstream is freed."""
-
-    chunks: Relay
-
-
-class _LegFailure(Exception):
-    """An UpstreamError plus which leg and instance it came from (for retries and logs)."""
-
-    def __init__(self, leg: str, entry: Entry, error: UpstreamError) -> None:
-        super().__init__(f"{leg} leg to {entry.instance.http_address}: {error.message}")
-        self.leg = leg
-        self.entry = entry
-        self.error = error
-
-
-def new_nonce() -> str:
-    """32 random hex digits: the per-request part of the transfer and request ids.
-
-    They must not collide, not be secret (they only ever travel to our own instances),
-    so a 128-bit draw from the PRNG does, without a getrandom() system call per request.
-    """
-    return f"{random.getrandbits(128):032x}"
 
 
 def client_id(header: str | None) -> str:
@@ -135,23 +64,31 @@ class Disaggregator:
         self.request_timeout = request_timeout
         self.release_grace = release_grace
         self._reads = prefill_policy.reads | decode_policy.reads
-        # Strong references to fire-and-forget work (KV release after a disconnect).
-        self._background = BackgroundTasks()
+        self.attempts = Attempts(registry, upstream, metrics, release_grace)
 
     async def handle(
-        self, request: ClientRequest, public_suffix: str, session: str | None = None
+        self,
+        request: ClientRequest,
+        public_suffix: str,
+        session: str | None = None,
+        record: RequestRecord | None = None,
     ) -> JsonAnswer | StreamAnswer:
         """Serve one client request; raise ProxyError for anything the client must be told.
 
-        ``session`` is the client's session header, for session affinity. Everything up
-        to the first byte runs under the request's end-to-end deadline; the stream after
-        it carries the same deadline into the relay.
+        ``session`` is the client's session header, for session affinity; ``record``
+        collects what the request did (pair, attempts, phase timings) for the metrics,
+        the access log and the trace. Everything up to the first byte runs under the
+        request's end-to-end deadline; the stream after it carries the same deadline
+        into the relay.
         """
-        deadline = time.monotonic() + self.request_timeout
+        now = time.monotonic()
+        deadline = now + self.request_timeout
         context = routing_context(request, session, self._reads)
+        if record is None:
+            record = RequestRecord(request.endpoint, public_suffix, now)
         try:
             async with timeout_after(self.request_timeout):
-                return await self._serve(request, public_suffix, deadline, context)
+                return await self._serve(request, public_suffix, deadline, context, record)
         except asyncio.TimeoutError:
             self.metrics.upstream_errors.labels("request", "deadline").inc()
             raise ProxyError(
@@ -159,7 +96,12 @@ class Disaggregator:
             ) from None
 
     async def _serve(
-        self, request: ClientRequest, suffix: str, deadline: float, context: RoutingContext
+        self,
+        request: ClientRequest,
+        suffix: str,
+        deadline: float,
+        context: RoutingContext,
+        record: RequestRecord,
     ) -> JsonAnswer | StreamAnswer:
         """Try pairs until one answers. A failure before any byte reached the client is
         retried on a fresh pair without the failed instance, up to ``max_retries`` times
@@ -169,9 +111,12 @@ class Disaggregator:
         attempt = 0
         pair = self._choose(excluded, context)
         while True:
+            record.attempts = attempt + 1
             try:
-                return await self._attempt(request, pair, suffix, deadline)
-            except _LegFailure as failure:
+                return await self.attempts.run(request, pair, suffix, deadline, record)
+            except LegFailure as failure:
+                if record.trace is not None:
+                    record.trace.fail_attempt(str(failure))
                 self._account(failure)
                 if not _retryable(failure.error) or attempt >= self.max_retries:
                     raise _client_error(failure, suffix) from None
@@ -184,9 +129,13 @@ class Disaggregator:
                 self.metrics.retries.inc()
                 await asyncio.sleep(self._backoff(attempt))
 
-    def _account(self, failure: _LegFailure) -> None:
+    def _account(self, failure: LegFailure) -> None:
         error, entry = failure.error, failure.entry
         self.metrics.upstream_errors.labels(failure.leg, error.kind).inc()
+        if _retryable(error):  # an engine's 4xx judges the request, not the instance
+            self.metrics.count_instance_error(
+                entry.instance.role, entry.instance.http_address, error.kind
+            )
         log.warning(
             "%s leg to %s failed (%s): %s",
             failure.leg,
@@ -224,253 +173,9 @@ class Disaggregator:
         except NoPairError as exc:
             raise ProxyError(503, str(exc), headers={"Retry-After": "1"}) from None
 
-    # ---------------------------------------------------------------------- one attempt
-
-    async def _attempt(
-        self, request: ClientRequest, pair: Pair, suffix: str, deadline: float
-    ) -> JsonAnswer | StreamAnswer:
-        mode = pair.mode
-        p, d = pair.prefill.instance, pair.decode.instance
-        nonce = new_nonce()
-        transfer_id = new_transfer_id(nonce)
-        request_id = new_request_id(p, d, nonce)
-        scrub = Scrubber(request_id, suffix, request.endpoint)
-        prefill_leg = build_prefill_leg(
-            request, p, d, transfer_id=transfer_id, request_id=request_id, dp_rank=pair.rank
-        )
-
-        async def run_prefill() -> dict[str, Any]:
-            started = time.monotonic()
-            with self.registry.track(pair.prefill, pair.rank):
-                try:
-                    payload = await self.upstream.post_json(
-                        prefill_leg, self.upstream.timeouts.prefill
-                    )
-                except UpstreamError as exc:
-                    raise _LegFailure("prefill", pair.prefill, exc) from None
-            self.registry.report_success(pair.prefill)
-            self.metrics.prefill_seconds.observe(time.monotonic() - started)
-            return payload
-
-        def decode_leg(params: dict[str, Any] | None) -> Any:
-            return build_decode_leg(
-                request,
-                p,
-                d,
-                mode=mode,
-                transfer_id=transfer_id,
-                request_id=request_id,
-                dp_rank=pair.rank,
-                prefill_params=params,
-            )
-
-        if mode == "READ":
-            payload = await run_prefill()
-            params = self._usable_params(payload, request, p, transfer_id, mode)
-            if params is None:
-                return self._prefill_answer(payload, request, scrub)
-            # From here P holds KV blocks for this decode: the leg is always delivered, so
-            # even a client that leaves now ends with D releasing them (see _decode).
-            return await self._decode(
-                request, pair, decode_leg(params), scrub, deadline, deliver=True
-            )
-        return await self._write(request, pair, run_prefill, decode_leg(None), scrub, deadline)
-
-    async def _write(
-        self,
-        request: ClientRequest,
-        pair: Pair,
-        run_prefill: Callable[[], Any],
-        leg: Any,
-        scrub: Scrubber,
-        deadline: float,
-    ) -> JsonAnswer | StreamAnswer:
-        """Both legs at once; the answer waits for prefill's verdict before any byte."""
-        p_task: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(run_prefill())
-        d_task = asyncio.ensure_future(self._decode(request, pair, leg, scrub, deadline))
-        answer: JsonAnswer | StreamAnswer | None = None
-        try:
-            while not p_task.done():
-                running = {t for t in (p_task, d_task) if not t.done()}
-                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                if d_task.done() and d_task.exception() is not None:
-                    await d_task  # decode failed first: report it; prefill is cancelled below
-            payload = await p_task
-            if self._usable_params(payload, request, pair.prefill.instance, "", "WRITE") is None:
-                return self._prefill_answer(payload, request, scrub)
-            answer = await d_task
-            return answer
-        finally:
-            await self._abandon(p_task, d_task, keep=answer)
-
-    async def _abandon(
-        self, p_task: asyncio.Future[Any], d_task: asyncio.Future[Any], keep: Any
-    ) -> None:
-        """Cancel whatever leg is still running and free a decode answer nobody will read.
-
-        A WRITE decode cancelled before its KV arrived is counted: vLLM keeps its
-        blocks (docs/protocol.md §6.2).
-        """
-        if not d_task.done():
-            self.metrics.decode_aborted_before_kv.inc()
-        p_task.cancel()
-        d_task.cancel()
-        await asyncio.gather(p_task, d_task, return_exceptions=True)
-        if d_task.cancelled() or d_task.exception() is not None:
-            return
-        unused = d_task.result()
-        if unused is not keep and isinstance(unused, StreamAnswer):
-            unused.chunks.close()
-
-    def _usable_params(
-        self,
-        payload: dict[str, Any],
-        request: ClientRequest,
-        prefill: Instance,
-        transfer_id: str,
-        mode: TransferMode,
-    ) -> dict[str, Any] | None:
-        """P's kv_transfer_params, or None when P's answer is already the whole answer.
-
-        A null with a length-capped token means the prefill is not acting as a KV
-        producer (no connector, wrong kv_role): answering with its one token would
-        silently truncate the client's answer, so that is an error.
-        """
-        params: dict[str, Any] | None = payload.get("kv_transfer_params")
-        if params is None:
-            if _finished_by_itself(payload) or _wanted_tokens(request.body) == 1:
-                self.metrics.null_kv_params.inc()
-                return None
-            raise ProxyError(
-                502,
-                "the prefill instance returned no kv_transfer_params although the request "
-                "was not finished; check that it runs MoRIIOConnector with "
-                "kv_role kv_producer",
-            )
-        if mode == "READ":
-            problem = check_read_params(params, transfer_id)
-            if problem is not None:
-                log.error("prefill %s returned unusable params: %s", prefill.http_address, problem)
-                raise ProxyError(
-                    502, f"the prefill instance returned unusable kv_transfer_params: {problem}"
-                )
-        return params
-
-    def _prefill_answer(
-        self, payload: dict[str, Any], request: ClientRequest, scrub: Scrubber
-    ) -> JsonAnswer | StreamAnswer:
-        body = scrub.json(payload)
-        if not request.stream:
-            return JsonAnswer(orjson.dumps(body))
-        events = [
-            sse_event(c) for c in prefill_as_answer(body, request.endpoint, request.include_usage)
-        ]
-        return StreamAnswer(Relay.from_events([*events, DONE], scrub))
-
-    async def _decode(
-        self,
-        request: ClientRequest,
-        pair: Pair,
-        leg: Any,
-        scrub: Scrubber,
-        deadline: float,
-        *,
-        deliver: bool = False,
-    ) -> JsonAnswer | StreamAnswer:
-        entry = pair.decode
-        # A WRITE decode of vLLM 0.33 or later fails a request whose KV cannot come
-        # (docs/protocol.md §7.6, §10 row 6) instead of waiting forever.
-        fails_kv_loads = pair.mode == "WRITE" and maps_write_tp(entry.release)
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.registry.track(entry))
-        try:
-            if not request.stream:
-                send = self.upstream.post(leg, self.upstream.timeouts.first_byte, deadline)
-                try:
-                    raw = await self._send(send, deliver, _ignore)
-                    body = scrub.answer(raw, leg.url)
-                except UpstreamError as exc:
-                    raise _decode_failure(entry, exc, fails_kv_loads) from None
-                self.registry.report_success(entry)
-                return JsonAnswer(body)
-            try:
-                resp = await self._send(
-                    self.upstream.open_stream(leg, deadline), deliver, Upstream.abort
-                )
-            except UpstreamError as exc:
-                raise _decode_failure(entry, exc, fails_kv_loads) from None
-            stack.callback(resp.close)
-            relay = Relay(resp, scrub, stack)
-            try:
-                await relay.prime()
-            except UpstreamError as exc:
-                raise _decode_failure(entry, exc, fails_kv_loads) from None
-            self.registry.report_success(entry)
-            if fails_kv_loads:
-                relay.on_error_event = self._error_after_first_byte
-            stack = contextlib.ExitStack()  # the relay owns the cleanup now
-            return StreamAnswer(relay)
-        finally:
-            stack.close()
-
-    def _error_after_first_byte(self, error: dict[str, Any]) -> None:
-        """An error event a WRITE decode sent once the stream had started: it reaches the
-        client as it is (the status is long gone); counted when it is a failed KV load."""
-        if is_kv_load_failure(error_status(error), error):
-            self.metrics.kv_load_failures.labels("after_first_byte").inc()
-
-    async def _send(
-        self, call: Coroutine[Any, Any, _T], deliver: bool, discard: Callable[[_T], None]
-    ) -> _T:
-        """Await an upstream call; with ``deliver``, a cancelled caller does not cancel it
-        at once but lets it reach the instance first (see ``_linger``), and ``discard``
-        frees what it returns once nobody wants it."""
-        if not deliver:
-            return await call
-        task = asyncio.ensure_future(call)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            self._background.spawn(self._linger(task, discard), name="kv-release")
-            raise
-
-    async def _linger(self, task: asyncio.Future[_T], discard: Callable[[_T], None]) -> None:
-        """Give an abandoned READ decode leg a moment to reach D, then abort it there.
-
-        P keeps a finished prefill's KV blocks until D reads or releases them (or P's
-        defer_timeout, 60 s, passes). A decode request that D received and that is then
-        aborted makes D release them at once; one that never left the proxy would not.
-        A streaming leg is aborted as soon as its response head proves D has it; a
-        non-streaming one after ``release_grace`` (its head only comes at the end).
-        """
-        self.metrics.kv_release_legs.inc()
-        await asyncio.wait({task}, timeout=self.release_grace)
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            discard(await task)
-
     async def close(self) -> None:
         """Finish background work (shutdown)."""
-        await self._background.cancel_all()
-
-
-def _ignore(_: object) -> None:
-    """Nothing to free: a JSON answer is already read and released."""
-
-
-def _decode_failure(entry: Entry, error: UpstreamError, fails_kv_loads: bool) -> _LegFailure:
-    """A failed decode leg; a failed KV load is told apart when the decode can report one."""
-    if (
-        fails_kv_loads
-        and isinstance(error, UpstreamStatusError)
-        and is_kv_load_failure(error.status, error.payload)
-    ):
-        error = UpstreamKvLoadError(
-            f"{error.url or 'the decode instance'} failed the request's KV load "
-            f"(HTTP {error.status}: {error.message})",
-            url=error.url,
-        )
-    return _LegFailure("decode", entry, error)
+        await self.attempts.close()
 
 
 def _retryable(error: UpstreamError) -> bool:
@@ -478,20 +183,7 @@ def _retryable(error: UpstreamError) -> bool:
     return not (isinstance(error, UpstreamStatusError) and 400 <= error.status < 500)
 
 
-def _finished_by_itself(payload: dict[str, Any]) -> bool:
-    choices = payload.get("choices") or []
-    return bool(choices) and all(c.get("finish_reason") not in (None, "length") for c in choices)
-
-
-def _wanted_tokens(body: dict[str, Any]) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def _client_error(failure: _LegFailure, suffix: str) -> ProxyError:
+def _client_error(failure: LegFailure, suffix: str) -> ProxyError:
     error = failure.error
     if isinstance(error, UpstreamStatusError) and 400 <= error.status < 500:
         # The engine judged the request itself (too long, bad parameter): pass it through.

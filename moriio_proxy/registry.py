@@ -31,6 +31,9 @@ class Entry:
     inflight: list[int] = field(default_factory=list)  # one counter per DP rank
     failures: int = 0  # consecutive failed legs; any success resets it
     ejected_until: float = 0.0  # out of rotation until then, heartbeat or not
+    # Drained by an operator (admin API): no new legs, in-flight ones finish. Survives
+    # heartbeats and restarts with another shape; lost only when the entry is removed.
+    draining: bool = False
     # In a worker of ``serve --workers N``: the fleet's in-flight legs per rank, from the
     # supervisor's last snapshot (``inflight`` stays this process's own, for routing).
     fleet_inflight: tuple[int, ...] | None = None
@@ -154,19 +157,32 @@ class Registry:
         ]
 
     def routable(self, role: Role) -> list[Entry]:
-        """Live instances not ejected for failing; all live ones if every one is ejected.
+        """Live instances not draining and not ejected for failing; all live undrained ones
+        if every one is ejected.
 
         Ejection guards against one broken instance; when all of a role look broken the
         fault is more likely shared (a network blip), and refusing everything would turn
-        it into a full outage, so they are all tried again (Envoy's "panic" mode).
+        it into a full outage, so they are all tried again (Envoy's "panic" mode). A drain
+        is an operator's decision, not a symptom, so no panic brings a draining one back.
         """
-        live = self.healthy(role)
+        # healthy()'s test and the drain in one pass: this runs twice per request.
         now = self._clock()
+        deadline = now - self.ttl
+        live = [
+            e
+            for e in self._entries.values()
+            if e.instance.role == role and not e.draining and (e.static or e.last_seen >= deadline)
+        ]
         usable = [e for e in live if e.ejected_until <= now]
         return usable or live
 
     def is_ejected(self, entry: Entry) -> bool:
         return entry.ejected_until > self._clock()
+
+    def eject(self, entry: Entry, seconds: float) -> None:
+        """Take ``entry`` out of rotation for ``seconds`` (an operator's ejection: the same
+        rest, and the same panic rule, as one earned by failures)."""
+        entry.ejected_until = self._clock() + seconds
 
     def report_success(self, entry: Entry) -> None:
         entry.failures = 0
@@ -182,7 +198,7 @@ class Registry:
             return False
         if self.is_ejected(entry):
             return False
-        entry.ejected_until = self._clock() + self.eject_seconds
+        self.eject(entry, self.eject_seconds)
         return True
 
     def entries(self) -> list[Entry]:

@@ -100,7 +100,6 @@ class Relay:
         self._done = body is None
         self._closed = False
         self.saw_done = False
-        self.on_first_byte: Callable[[], None] | None = None
         # Told of each error event the decode sends after the stream was committed.
         self.on_error_event: Callable[[dict[str, Any]], None] | None = None
 
@@ -150,7 +149,7 @@ class Relay:
 
     async def __anext__(self) -> bytes:
         if self._pending:
-            return self._first(self._pending.pop(0))
+            return self._pending.pop(0)
         if self._done or self._closed:
             self.close()
             raise StopAsyncIteration
@@ -173,12 +172,6 @@ class Relay:
                 return sse_event(error)
             self.close()
             raise StopAsyncIteration
-        return self._first(event)
-
-    def _first(self, event: bytes) -> bytes:
-        if self.on_first_byte is not None:
-            self.on_first_byte()
-            self.on_first_byte = None
         return event
 
     async def _read_event(self) -> bytes | None:

@@ -3,12 +3,15 @@ Quart routes and the ASGI completions endpoint (so neither imports the other).""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .config import ProxyConfig
+from .access_log import AccessLog
+from .config import ConfigError, ProxyConfig
 from .disagg import Disaggregator
 from .discovery import DiscoverySource
 from .metrics import Metrics
@@ -17,6 +20,9 @@ from .registry import Registry
 from .security import KeyLimits, KeyRing, bearer, upstream_ssl_context
 from .upstream import Timeouts, Upstream
 from .version_probe import VersionProbe
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger("moriio_proxy")
 
@@ -58,6 +64,31 @@ def upstream_headers(config: ProxyConfig) -> dict[str, str]:
     return {"Authorization": bearer(config.upstream_api_key).decode("ascii")}
 
 
+def build_access_log(config: ProxyConfig) -> AccessLog | None:
+    fmt = config.access_log_format
+    return None if fmt == "off" else AccessLog(fmt)
+
+
+def build_tracing(config: ProxyConfig) -> Tracing | None:
+    """The OTLP tracer when ``--otlp-traces-endpoint`` is set; None (and no OpenTelemetry
+    import at all) when it is not. ConfigError when the ``otel`` extra is missing."""
+    if not config.otlp_traces_endpoint:
+        return None
+    return require_tracing().to_endpoint(config.otlp_traces_endpoint)
+
+
+def require_tracing() -> type[Tracing]:
+    """The tracing module's entry class; ConfigError with the install command without it."""
+    try:
+        from .tracing import Tracing
+    except ImportError as exc:
+        raise ConfigError(
+            f"--otlp-traces-endpoint: OpenTelemetry is not installed ({exc.name or exc}); "
+            "pip install 'moriio-proxy[otel]'"
+        ) from None
+    return Tracing
+
+
 @dataclass
 class ProxyState:
     """Everything the app owns; tests reach it through ``app.state(quart_app)``."""
@@ -73,6 +104,8 @@ class ProxyState:
     versions: VersionProbe | None = None
     keys: KeyRing = field(default_factory=KeyRing)
     limits: KeyLimits = field(default_factory=KeyLimits)
+    access_log: AccessLog | None = None
+    tracing: Tracing | None = None  # only with --otlp-traces-endpoint
     draining: bool = False
     started: bool = False
     inflight: int = 0
@@ -100,6 +133,8 @@ class ProxyState:
             await self.versions.stop()
         await self.disagg.close()
         await self.upstream.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes: blocking
 
     def drain(self) -> None:
         """Start a graceful shutdown: /ready turns 503 and new requests are refused.
@@ -123,7 +158,11 @@ class ProxyState:
         """Why the proxy cannot serve a request now, or None when it can."""
         if self.draining:
             return "draining"
-        missing = [name for role, name in _ROLE_NAMES if not self.registry.healthy(role)]
+        live = {role: self.registry.healthy(role) for role, _ in _ROLE_NAMES}
+        missing = [name for role, name in _ROLE_NAMES if not live[role]]
         if missing:
             return f"no {' and no '.join(missing)} instance registered"
+        drained = [name for role, name in _ROLE_NAMES if all(e.draining for e in live[role])]
+        if drained:  # an operator drained every one: nothing new can be routed
+            return f"every {' and every '.join(drained)} instance is draining"
         return None

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from .protocol import Role, TransferMode
 
-InstanceState = Literal["healthy", "stale", "ejected"]
+InstanceState = Literal["healthy", "stale", "ejected", "draining"]
 
 V = TypeVar("V", bound="JsonView")
 

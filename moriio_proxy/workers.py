@@ -36,7 +36,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from .config import ProxyConfig
 from .discovery import make_discovery
-from .discovery.mirror import MirrorSource, encode_snapshot, sum_reports
+from .discovery.mirror import Acknowledgements, MirrorSource, encode_snapshot, sum_reports
 from .metrics import Metrics, enable_multiprocess
 from .state import build_registry, build_upstream
 from .version_probe import VersionProbe
@@ -93,6 +93,7 @@ class Supervisor:
         self._reports = f"ipc://{self._dir}/reports"
         self._workers: dict[int, BaseProcess] = {}
         self._reports_by_worker: dict[int, dict[str, list[int]]] = {}
+        self._acks = Acknowledgements(self.registry)  # operators' actions, via workers
         self._ready: set[int] = set()
         self._changed = asyncio.Event()
         self._stopping = False
@@ -175,7 +176,7 @@ class Supervisor:
         """A snapshot at once on every registry change, else every SNAPSHOT_INTERVAL."""
         while True:
             fleet = sum_reports(self._reports_by_worker)
-            await pub.send(encode_snapshot(self.registry, fleet))
+            await pub.send(encode_snapshot(self.registry, fleet, self._acks.recent))
             self._changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), SNAPSHOT_INTERVAL)
@@ -190,6 +191,10 @@ class Supervisor:
                 inflight = dict(report.get("inflight") or {})
             except (ValueError, KeyError, TypeError, msgpack.UnpackException):
                 log.error("ignoring a malformed worker report")
+                continue
+            if isinstance(report.get("admin"), dict):  # an operator's action, not a report
+                self._acks.apply(report["admin"])
+                self._changed.set()  # the acknowledging snapshot goes out at once
                 continue
             self._reports_by_worker[index] = inflight
             if index not in self._ready:

@@ -249,8 +249,8 @@ def _waits(slow: dict[str, Any]) -> list[str]:
         counters = ", ".join(f"`{k}` {v:g}" for k, v in metrics["counters"].items()) or "none"
         lines += [
             "The proxy's metrics over the streams: prefill leg "
-            f"{quantile('moriio_proxy_prefill_seconds')}; first byte to the client "
-            f"{quantile('moriio_proxy_first_byte_seconds')}; upstream failures, retries "
+            f"{quantile('moriio_proxy_prefill_duration_seconds')}; first byte to the client "
+            f"{quantile('moriio_proxy_time_to_first_token_seconds')}; upstream failures, retries "
             f"and ejections: {counters}.",
             "",
         ]

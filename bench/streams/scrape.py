@@ -16,7 +16,7 @@ from collections.abc import Collection
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
 _LE = re.compile(r'le="([^"]+)"')
-HISTOGRAMS = ("moriio_proxy_prefill_seconds", "moriio_proxy_first_byte_seconds")
+HISTOGRAMS = ("moriio_proxy_prefill_duration_seconds", "moriio_proxy_time_to_first_token_seconds")
 COUNTERS = (
     "moriio_proxy_upstream_errors_total",
     "moriio_proxy_retries_total",
@@ -37,13 +37,15 @@ def metrics(url: str) -> dict[str, float]:
 
 
 def _buckets(samples: dict[str, float], name: str) -> list[tuple[float, float]]:
-    rows = []
+    """The histogram's cumulative buckets summed over its label sets (endpoint, mode,
+    outcome), by upper bound."""
+    rows: dict[float, float] = {}
     for key, value in samples.items():
         if key.startswith(name + "_bucket"):
             le = _LE.search(key)
             if le:
-                rows.append((float(le[1]), value))
-    return sorted(rows)
+                rows[float(le[1])] = rows.get(float(le[1]), 0.0) + value
+    return sorted(rows.items())
 
 
 def quantiles(

@@ -23,7 +23,9 @@ from .runner import (
 N = TypeVar("N", int, float)
 
 
-def _positive(kind: Callable[[str], N]) -> Callable[[str], N]:
+def positive(kind: Callable[[str], N]) -> Callable[[str], N]:
+    """An argparse ``type`` for a number above 0 (``check`` and ``admin`` share it)."""
+
     def parse(text: str) -> N:
         try:
             value = kind(text)
@@ -54,14 +56,14 @@ def add_parser(
     )
     parser.add_argument(
         "--timeout",
-        type=_positive(float),
+        type=positive(float),
         default=DEFAULT_TIMEOUT,
         help=f"seconds allowed for each call (default {DEFAULT_TIMEOUT:g}; the direct "
         f"instance probes: at most {INSTANCE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--max-tokens",
-        type=_positive(int),
+        type=positive(int),
         default=DEFAULT_MAX_TOKENS,
         help=f"of the test completion (default {DEFAULT_MAX_TOKENS})",
     )

@@ -117,6 +117,16 @@ def roles(listed: Sequence[InstanceView]) -> list[CheckResult]:
                     "stops when the vLLM worker exits",
                 )
             )
+        elif all(v.state == "draining" for v in live):
+            results.append(
+                warn(
+                    name,
+                    f"every live {name} instance is draining: {addresses}; the proxy routes "
+                    "no new request",
+                    f"undrain one (moriio-proxy admin URL undrain {role} HOST:PORT) or start "
+                    f"another {name} instance",
+                )
+            )
         else:
             results.append(ok(name, f"{len(live)} live: {addresses}"))
     return results
@@ -255,9 +265,16 @@ def _size(n: int) -> int:
 
 
 def states(listed: Sequence[InstanceView]) -> CheckResult:
-    """Instances the proxy lists but does not route to (ejected, about to be evicted)."""
+    """Instances the proxy lists but does not route to (ejected, about to be evicted).
+
+    A draining instance is not routed to either, but by an operator's choice (admin API):
+    it is named, not judged.
+    """
     bad: list[str] = []
+    drained = [label(v) for v in listed if v.state == "draining"]
     for view in listed:
+        if view.state == "draining":
+            continue
         if view.state == "ejected":
             bad.append(
                 f"{label(view)} ejected after {view.consecutive_failures} consecutive failures"
@@ -269,13 +286,16 @@ def states(listed: Sequence[InstanceView]) -> CheckResult:
             )
         elif view.state != "healthy":
             bad.append(f"{label(view)} in state {view.state!r}")
+    draining = f"draining (an operator's drain): {', '.join(drained)}" if drained else ""
     if bad:
         return warn(
             "states",
-            "; ".join(bad),
+            "; ".join(bad + ([draining] if draining else [])),
             "look at those instances' logs and at moriio_proxy_upstream_errors_total; an "
             "ejected instance rests --eject-seconds, then gets one more try",
         )
+    if drained:
+        return ok("states", f"{len(listed) - len(drained)} healthy; {draining}")
     return ok("states", f"all {len(listed)} healthy")
 
 
@@ -451,9 +471,16 @@ def ready(answer: Answer) -> CheckResult:
         mode = answer.body.get("transfer_mode") if isinstance(answer.body, dict) else None
         return ok("ready", f"/ready 200 ({mode} mode)")
     reason = said(answer.body) if answer.body else answer.describe()
+    if reason.endswith("instance is draining"):  # an operator's drain, not a fault
+        return warn(
+            "ready",
+            f"/ready: {answer.describe()}",
+            "an operator drained every instance of a role; undrain one "
+            "(moriio-proxy admin URL undrain ROLE HOST:PORT) or start another",
+        )
     hint = (
         "the proxy is shutting down (SIGTERM); wait for its replacement"
-        if "draining" in reason
+        if reason == "draining"
         else "/ready turns 200 once a prefill and a decode are registered: see the "
         "prefill/decode lines above"
     )

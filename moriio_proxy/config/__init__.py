@@ -81,6 +81,8 @@ class ProxyConfig:
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     workers: int = 1
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    access_log_format: Literal["text", "json", "off"] = "text"
+    otlp_traces_endpoint: str = ""
     # Security (README: Security). Secrets stay out of repr: a config printed in a log or a
     # traceback must not carry them.
     api_key: tuple[str, ...] = field(default=(), repr=False)
@@ -233,6 +235,19 @@ OPTIONS: tuple[Option, ...] = (
         "event_loop",
         ("auto", "uvloop", "asyncio"),
         "event loop: uvloop when installed (auto), or force one",
+    ),
+    choice_option(
+        "access_log_format",
+        ("text", "json", "off"),
+        "one line per request on the moriio_proxy.access logger (info): key=value text, "
+        "JSON, or none",
+    ),
+    Option(
+        "otlp_traces_endpoint",
+        parsers.string,
+        "OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces) to send a span per "
+        "request, attempt and leg to; needs pip install 'moriio-proxy[otel]'",
+        default_text="off",
     ),
     *SECURITY_OPTIONS,
 )

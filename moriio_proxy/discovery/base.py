@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from ..admin.actions import Action, Outcome, apply_action
 from ..metrics import Metrics
 from ..protocol import Instance
 from ..registry import Entry, Registry, UpsertResult
@@ -95,6 +96,11 @@ class DiscoverySource(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None:
         """Stop feeding the registry (idempotent); the registered instances stay."""
+
+    async def administer(self, action: Action) -> Outcome:
+        """Apply an operator's action where the registry's truth lives: this process.
+        (A worker's mirror forwards it to its supervisor instead.)"""
+        return apply_action(self.registry, action)
 
     def register_static(self) -> None:
         """Add the config file's instances (never evicted); refuse loudly those in the

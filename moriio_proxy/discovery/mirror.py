@@ -7,7 +7,13 @@ worker's own registry, so every worker routes to the same instances within a hea
 Liveness stays the supervisor's decision: a worker never evicts by itself, it drops what
 the snapshot no longer holds. The workers report their in-flight legs back, so the
 snapshot also carries the fleet-wide load that ``/admin/instances`` shows, and the vLLM
-version the supervisor learned for each instance (pairing depends on it).
+version the supervisor learned for each instance (pairing depends on it), and each
+instance's drain and operator ejection.
+
+An operator's action (admin API) that reaches a worker is forwarded to the supervisor on
+the report socket, applied to its registry, and acknowledged in the snapshots that follow:
+the worker answers once it applied the snapshot carrying the acknowledgement, the same
+snapshot every other worker receives at that moment.
 
 This module owns the snapshot's wire format (msgpack) on both ends.
 """
@@ -18,6 +24,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,6 +33,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from ..admin.actions import Action, Outcome, apply_request
 from ..metrics import Metrics
 from ..protocol import Instance, RegistrationError, Role, parse_registration
 from ..registry import Entry, Registry
@@ -34,10 +43,34 @@ log = logging.getLogger(__name__)
 
 # Per instance: [http_address, role] -> in-flight legs per DP rank, summed over workers.
 InflightReport = dict[tuple[str, str], list[int]]
+# Seconds a worker waits for the supervisor to acknowledge an operator's action.
+FORWARD_TIMEOUT = 5.0
+# Acknowledgements every snapshot repeats (snapshots are conflated: a worker may miss one).
+_KEPT_ACKS = 64
 
 
-def encode_snapshot(registry: Registry, fleet_inflight: InflightReport) -> bytes:
-    """The supervisor's registry as the workers apply it."""
+class Acknowledgements:
+    """The supervisor's side of forwarded actions: apply each, remember its outcome."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def apply(self, request: Mapping[str, Any]) -> None:
+        """Apply one forwarded action (``{"id", "action", "body"}``) and keep its outcome."""
+        outcome = apply_request(self.registry, str(request.get("action")), request.get("body"))
+        self.recent[str(request.get("id"))] = outcome.to_wire()
+        while len(self.recent) > _KEPT_ACKS:
+            self.recent.popitem(last=False)
+
+
+def encode_snapshot(
+    registry: Registry,
+    fleet_inflight: InflightReport,
+    acks: Mapping[str, dict[str, Any]] | None = None,
+) -> bytes:
+    """The supervisor's registry as the workers apply it, with the outcomes of the actions
+    workers forwarded lately (``acks``, by the id the worker gave)."""
     now = registry.clock()
     entries = []
     for entry in registry.entries():
@@ -56,9 +89,13 @@ def encode_snapshot(registry: Registry, fleet_inflight: InflightReport) -> bytes
                 "silence": now - entry.last_seen,
                 "inflight": fleet_inflight.get((inst.role, inst.http_address)),
                 "vllm_version": entry.vllm_version,
+                "draining": entry.draining,
+                # The supervisor routes nothing: its ejections are the operator's.
+                "ejected_for": max(0.0, entry.ejected_until - now),
             }
         )
-    packed: bytes = msgpack.packb({"entries": entries}, use_bin_type=True)
+    snapshot = {"entries": entries, "acks": dict(acks or {})}
+    packed: bytes = msgpack.packb(snapshot, use_bin_type=True)
     return packed
 
 
@@ -93,6 +130,11 @@ def apply_snapshot(registry: Registry, snapshot: Mapping[str, Any]) -> None:
         entry.fleet_inflight = tuple(int(n) for n in inflight) if inflight else None
         version = item.get("vllm_version")
         entry.set_version(version if isinstance(version, str) else None)
+        entry.draining = bool(item.get("draining"))
+        # The worker's own ejections (from its failed legs) stand; the operator's join them.
+        ejected_for = float(item.get("ejected_for") or 0.0)
+        if ejected_for > 0:
+            entry.ejected_until = max(entry.ejected_until, now + ejected_for)
 
 
 def local_inflight(registry: Registry) -> dict[str, list[int]]:
@@ -147,6 +189,8 @@ class MirrorSource(DiscoverySource):
         self._parent = os.getppid()
         self._ctx: zmq.asyncio.Context | None = None
         self._first = asyncio.Event()
+        self._push: zmq.asyncio.Socket | None = None
+        self._pending: dict[str, asyncio.Future[Outcome]] = {}
 
     async def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
@@ -159,6 +203,7 @@ class MirrorSource(DiscoverySource):
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.SNDHWM, 4)  # a report nobody reads is dropped, never queued
         push.connect(self.reports)
+        self._push = push
         self._tasks.spawn(self._receive(sub), name="mirror-receive")
         self._tasks.spawn(self._report(push), name="mirror-report")
         try:
@@ -173,6 +218,7 @@ class MirrorSource(DiscoverySource):
 
     async def stop(self) -> None:
         await self._tasks.cancel_all()
+        self._push = None
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
@@ -183,10 +229,40 @@ class MirrorSource(DiscoverySource):
             try:
                 snapshot = msgpack.unpackb(raw, raw=False)
                 apply_snapshot(self.registry, snapshot)
+                self._acknowledged(snapshot.get("acks") or {})
             except Exception:  # a worker must keep serving on the last good snapshot
                 log.exception("worker %d: could not apply a registry snapshot", self.worker)
                 continue
             self._first.set()
+
+    def _acknowledged(self, acks: Mapping[str, Any]) -> None:
+        """Answer the forwarded actions this (already applied) snapshot acknowledges."""
+        for key in [k for k in self._pending if k in acks]:
+            future = self._pending.pop(key)
+            if not future.done():
+                future.set_result(Outcome.from_wire(acks[key]))
+
+    async def administer(self, action: Action) -> Outcome:
+        """Forward ``action`` to the supervisor, whose registry every worker mirrors, and
+        answer once a snapshot acknowledging it has been applied here."""
+        key = uuid.uuid4().hex
+        forwarded = {"id": key, "action": action.name, "body": dict(action.body)}
+        message = {"worker": self.worker, "admin": forwarded}
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            if self._push is None:
+                raise asyncio.TimeoutError
+            await asyncio.wait_for(self._push.send(msgpack.packb(message)), FORWARD_TIMEOUT)
+            return await asyncio.wait_for(future, FORWARD_TIMEOUT)
+        except asyncio.TimeoutError:
+            return Outcome(
+                503,
+                f"the supervisor did not confirm within {FORWARD_TIMEOUT:g}s; the action may "
+                "still apply: see GET /admin/instances",
+            )
+        finally:
+            self._pending.pop(key, None)
 
     async def _report(self, push: zmq.asyncio.Socket) -> None:
         """Load reports, once a second; and a worker whose supervisor died (killed, so it

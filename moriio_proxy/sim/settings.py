@@ -218,6 +218,9 @@ class SimConfig:
     # "dense", "hybrid" (Mamba/KDA layers) or "sliding_window": only decides whether the
     # connector refuses to start (WRITE mode: 0.32 refuses both others, 0.33 sliding only).
     model_arch: str = "dense"
+    # vLLM serves POST /start_profile and /stop_profile only when started with a profiler
+    # configuration (--profiler-config); without one, both answer 404 as vLLM's do.
+    profiler: bool = False
 
     def validate(self) -> None:
         """Raise ValueError on a setting ``vllm serve`` would refuse (checked by SimInstance)."""
@@ -306,6 +309,10 @@ class SimStats:
     # "stall_after_tokens" (per request, when they actually happen) and
     # "refuse_connections" (each time the listener is closed).
     faults_applied: dict[str, int] = field(default_factory=dict)
+    # The profiler (SimConfig.profiler): calls answered 200, and whether it runs now.
+    profiles_started: int = 0
+    profiles_stopped: int = 0
+    profiling: bool = False
 
 
 @dataclass

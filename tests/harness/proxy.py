@@ -72,11 +72,12 @@ class RunningProxy:
 
 @contextlib.asynccontextmanager
 async def running_proxy(
-    *, clock: Callable[[], float] = time.monotonic, **overrides: Any
+    *, clock: Callable[[], float] = time.monotonic, tracing: Any = None, **overrides: Any
 ) -> AsyncIterator[RunningProxy]:
     """A proxy configured by ``overrides`` (ProxyConfig fields) serving until the block ends.
 
-    ``clock`` becomes the registry's (see tests/harness/clock.py). On exit the simulated
+    ``clock`` becomes the registry's (see tests/harness/clock.py); ``tracing`` a
+    ``moriio_proxy.tracing.Tracing`` (a test's in-memory exporter). On exit the simulated
     instances stop first, then the proxy.
     """
     settings: dict[str, Any] = {
@@ -93,7 +94,7 @@ async def running_proxy(
     if statics:
         config = replace(config, static_instances=tuple(statics))
     sock = bind_listener(config.host, 0)
-    app = create_app(config, clock=clock)
+    app = create_app(config, clock=clock, tracing=tracing)
     proxy_state = state(app)
     await proxy_state.start()
     stop = asyncio.Event()

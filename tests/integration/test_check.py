@@ -91,6 +91,28 @@ async def test_healthy_1p1d_is_all_ok_and_exit_0(mode: str) -> None:
     assert lines[-1].startswith("summary: OK ")
 
 
+async def test_a_drained_instance_is_shown_and_a_fully_drained_role_is_a_warning() -> None:
+    async with running_proxy() as proxy:
+        await proxy.add_sim("P")
+        drained = await proxy.add_sim("D")
+        await proxy.add_sim("D")
+        await proxy.wait_registered(1, 2)
+        entry = proxy.state.registry.get(("D", drained.http_address))
+        assert entry is not None
+        entry.draining = True
+        report = await run_check(proxy.url, timeout=5)
+        assert report.exit_code == 0, report.to_text()
+        assert report.by_name("states").message == (
+            f"2 healthy; draining (an operator's drain): D {drained.http_address}"
+        )
+        for other in proxy.state.registry.healthy("D"):
+            other.draining = True  # every decode: nothing new can be routed
+        report = await run_check(proxy.url, timeout=5)
+    found = statuses(report)
+    assert (found["decode"], found["states"], found["ready"]) == ("WARN", "OK", "WARN")
+    assert found["completion"] == "FAIL"  # the proxy answers 503: it cannot serve
+
+
 async def test_admin_instances_serves_the_keys_it_always_has() -> None:
     async with running_proxy() as proxy:
         await proxy.add_sim("P", dp_size=2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from moriio_proxy.state import build_upstream
 from tests.harness import RunningProxy, running_proxy
 from tests.harness.certs import make_ca
 
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "The quick brown fox jumps over the lazy dog"
 BODY = {"model": "sim-model", "prompt": PROMPT, "max_tokens": 5}
 
@@ -374,3 +376,36 @@ async def test_check_reaches_a_locked_proxy_over_tls_with_its_credentials(tmp_pa
         assert "401" in locked.by_name("instances").message
     shown = report.to_text() + json.dumps(report.to_json())
     assert "sk-a" not in shown and "adm-token-xyz" not in shown
+
+
+async def admin_command(*args: str) -> tuple[int, str, str]:
+    """``moriio-proxy admin ARGS`` as a process: exit status, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "moriio_proxy", "admin", *args,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_admin_actions_behind_a_token(http: aiohttp.ClientSession):
+    """The admin routes (drain here) and the profiler fan-out answer through the door with
+    the token, from the command line and over HTTP, and not without it."""
+    async with running_proxy(admin_token="adm-token-xyz") as p:
+        await pair(p, profiler=True)
+        address = p.sims[1].http_address
+        code, _, err = await admin_command(p.url, "drain", "D", address)
+        assert code == 1 and "401" in err
+        entry = p.state.registry.get(("D", address))
+        assert entry is not None and not entry.draining
+        code, _, err = await admin_command(p.url, "--token", "adm-token-xyz", "drain", "D", address)
+        assert (code, err) == (0, "")
+        assert entry.draining
+        status, payload, _ = await status_of(http, "POST", p.url + "/start_profile")
+        assert status == 401
+        assert_openai_error(payload, 401)
+        status, payload, _ = await status_of(
+            http, "POST", p.url + "/start_profile", headers=auth("adm-token-xyz")
+        )
+        assert status == 200 and payload["succeeded"] == 2

@@ -36,7 +36,7 @@ def _options(parser: argparse.ArgumentParser) -> Iterator[tuple[str, str, argpar
 
 
 def test_the_commands_are_found():
-    assert {"serve", "sim", "demo", "check"} <= set(COMMANDS)
+    assert {"serve", "sim", "demo", "check", "admin"} <= set(COMMANDS)
 
 
 def test_every_command_has_a_summary_and_a_description():
@@ -50,6 +50,28 @@ def test_every_command_has_a_summary_and_a_description():
 def test_every_option_has_help(command: str):
     for name, _, action in _options(COMMANDS[command]):
         assert action.help and action.help.strip(), f"{command} {name} has no help"
+
+
+def _nested(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """The actions of a command that has its own (``admin URL ACTION``), by name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def test_the_actions_of_a_command_have_a_summary_and_explained_options():
+    nested = [(c, n, p) for c, parser in COMMANDS.items() for n, p in _nested(parser)]
+    assert {n for c, n, _ in nested if c == "admin"} >= {"list", "drain", "eject", "add"}
+    for command, name, parser in nested:
+        (sub,) = [
+            a for a in COMMANDS[command]._actions if isinstance(a, argparse._SubParsersAction)
+        ]
+        summaries = {a.dest: a.help for a in sub._choices_actions}
+        assert summaries.get(name), f"'{command} {name}' has no line in its command's help"
+        for option, shown, action in _options(parser):
+            assert action.help and action.help.strip(), f"{command} {name} {option} has no help"
+            for choice in action.choices or ():
+                assert str(choice) in shown, f"{command} {name} {option} hides {choice!r}"
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

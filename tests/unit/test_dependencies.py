@@ -26,7 +26,7 @@ _ASSEMBLY = (
     "moriio_proxy.cli",
     "moriio_proxy.workers",
 )
-_REQUEST_PATH = ("moriio_proxy.completions", "moriio_proxy.disagg")
+_REQUEST_PATH = ("moriio_proxy.completions", "moriio_proxy.disagg", "moriio_proxy.attempt")
 
 # importer (a module or package) -> what it must not import, and why.
 RULES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -51,6 +51,14 @@ RULES: dict[str, tuple[tuple[str, ...], str]] = {
         (*_ASSEMBLY, "moriio_proxy.completions", "moriio_proxy.discovery"),
         "one request's P/D flow does not know how it is served or how instances are found",
     ),
+    "moriio_proxy.attempt": (
+        (*_ASSEMBLY, "moriio_proxy.completions", "moriio_proxy.disagg", "moriio_proxy.discovery"),
+        "one attempt's legs know neither the retries around them nor how they are served",
+    ),
+    "moriio_proxy.answer": (
+        (*_ASSEMBLY, *_REQUEST_PATH, "moriio_proxy.discovery"),
+        "what a request ends as is a plain type the request path hands up",
+    ),
     "moriio_proxy.completions": (
         ("moriio_proxy.app", "moriio_proxy.server", "moriio_proxy.cli", "moriio_proxy.workers"),
         "the ASGI fast path is mounted by the app, not the other way round",
@@ -58,6 +66,14 @@ RULES: dict[str, tuple[tuple[str, ...], str]] = {
     "moriio_proxy.discovery": (
         (*_ASSEMBLY, *_REQUEST_PATH, "moriio_proxy.policies", "moriio_proxy.upstream"),
         "discovery feeds the registry and nothing else",
+    ),
+    "moriio_proxy.admin.actions": (
+        (*_ASSEMBLY, *_REQUEST_PATH, "moriio_proxy.discovery", "moriio_proxy.upstream"),
+        "an operator's action changes the registry; discovery and the app call it",
+    ),
+    "moriio_proxy.admin.command": (
+        (*_ASSEMBLY, *_REQUEST_PATH, "moriio_proxy.registry", "moriio_proxy.discovery"),
+        "moriio-proxy admin is a client: it talks to a proxy over HTTP",
     ),
     "moriio_proxy.check": (
         (*_ASSEMBLY, *_REQUEST_PATH, "moriio_proxy.registry", "moriio_proxy.discovery"),

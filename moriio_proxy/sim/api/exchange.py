@@ -44,6 +44,14 @@ class Ledger:
         self._config = config
         self._stats = stats
 
+    def profiler(self, running: bool) -> None:
+        """Count a profiler start or stop the server answered 200."""
+        self._stats.profiling = running
+        if running:
+            self._stats.profiles_started += 1
+        else:
+            self._stats.profiles_stopped += 1
+
     def open(self, request: web.Request) -> LegRecord:
         rec = LegRecord(path=request.path, headers=dict(request.headers), started_at=time.time())
         if len(self.legs) >= self._config.max_leg_records:

@@ -1,6 +1,6 @@
 """vLLM's OpenAI server as the proxy meets it: ``/v1/completions``,
-``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/version``;
-``id = "cmpl-" + X-Request-Id``.
+``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/version``, ``/start_profile`` and
+``/stop_profile``; ``id = "cmpl-" + X-Request-Id``.
 
 A generation request is validated, may draw an injected fault, is split into engine
 requests, and is answered as JSON or SSE from their token events.
@@ -49,7 +49,24 @@ class OpenAIServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/version", self._version)
+        app.router.add_post("/start_profile", self._start_profile)
+        app.router.add_post("/stop_profile", self._stop_profile)
         return app
+
+    async def _start_profile(self, request: web.Request) -> web.Response:
+        return self._profile(running=True)
+
+    async def _stop_profile(self, request: web.Request) -> web.Response:
+        return self._profile(running=False)
+
+    def _profile(self, running: bool) -> web.Response:
+        """vLLM 0.32/0.33 mount these routes only with a profiler configured: otherwise
+        FastAPI's 404. With one, an empty 200 once the engine started or stopped it."""
+        if not self._config.profiler:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        self._ledger.profiler(running)
+        logger.info("%s profiler %s", self._ledger.tag, "started" if running else "stopped")
+        return web.Response(status=200)
 
     async def _version(self, request: web.Request) -> web.Response:
         """The same route and shape in 0.32 and 0.33: the release, e.g. "0.33.0"."""

@@ -236,17 +236,39 @@ def test_states_name_each_instance_not_routed() -> None:
     listed = [
         view("P", state="ejected", consecutive_failures=3),
         view("D", 8200, state="stale", seconds_since_heartbeat=9.5),
-        view("D", 8201, state="draining"),  # a newer proxy's state
+        view("D", 8201, state="quarantined"),  # a newer proxy's state
         view("D", 8202),
+        view("D", 8203, state="draining"),
     ]
     result = verdicts.states(listed)
     assert result.status == "WARN"
     assert result.message == (
         "P 10.0.0.2:8100 ejected after 3 consecutive failures; "
         "D 10.0.0.2:8200 stale: no heartbeat for 9.5s, about to be evicted; "
-        "D 10.0.0.2:8201 in state 'draining'"
+        "D 10.0.0.2:8201 in state 'quarantined'; "
+        "draining (an operator's drain): D 10.0.0.2:8203"
     )
     assert "--eject-seconds" in result.hint
+
+
+def test_a_drained_instance_is_shown_not_judged() -> None:
+    result = verdicts.states([view("P"), view("D", 8200), view("D", 8201, state="draining")])
+    assert_ok(result)
+    assert result.message == "2 healthy; draining (an operator's drain): D 10.0.0.2:8201"
+
+
+def test_a_role_whose_every_instance_drains_is_a_warning_not_a_failure() -> None:
+    listed = [view("P"), view("D", 8200, state="draining"), view("D", 8201, state="draining")]
+    prefill, decode = verdicts.roles(listed)
+    assert_ok(prefill)
+    assert decode.status == "WARN"
+    assert decode.message == (
+        "every live decode instance is draining: 10.0.0.2:8200, 10.0.0.2:8201; the proxy "
+        "routes no new request"
+    )
+    assert "admin URL undrain D" in decode.hint
+    # One instance still taking requests is enough.
+    assert_ok(verdicts.roles([view("P"), view("D", 8200, state="draining"), view("D", 8201)])[1])
 
 
 def test_states_ok() -> None:
@@ -439,6 +461,14 @@ def test_not_ready_because_draining() -> None:
     assert result.status == "FAIL"
     assert result.message == "/ready: HTTP 503: draining"
     assert "shutting down" in result.hint
+
+
+def test_not_ready_because_an_operator_drained_every_decode() -> None:
+    reason = "every decode instance is draining"
+    result = verdicts.ready(answer(503, {"status": "not ready", "reason": reason}))
+    assert result.status == "WARN"
+    assert result.message == f"/ready: HTTP 503: {reason}"
+    assert "moriio-proxy admin URL undrain" in result.hint
 
 
 def test_not_ready_for_lack_of_instances() -> None:
