@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.harness import eventually, running_proxy
+from tests.harness.apps import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,13 +85,7 @@ async def test_the_token_is_sent_as_a_bearer_header_from_the_flag_or_the_environ
 
     app = web.Application()
     app.router.add_get("/admin/instances", listing)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        url = f"http://127.0.0.1:{port}"
+    async with serving(app) as url:
         assert await admin(url, "--token", "s3cret", "list") == (
             0,
             "no instance registered (transfer mode unset)\n",
@@ -99,8 +94,6 @@ async def test_the_token_is_sent_as_a_bearer_header_from_the_flag_or_the_environ
         await admin(url, "list", env={"MORIIO_PROXY_ADMIN_TOKEN": "from-env"})
         await admin(url, "list", env={"MORIIO_PROXY_ADMIN_TOKEN": ""})
         assert seen == ["Bearer s3cret", "Bearer from-env", None]
-    finally:
-        await runner.cleanup()
 
     code, out, err = await admin(f"127.0.0.1:{dead_port}", "list")
     assert (code, out) == (1, "")

@@ -19,6 +19,7 @@ from moriio_proxy.config import load_config
 from moriio_proxy.sim import expected_text
 from moriio_proxy.state import build_upstream
 from tests.harness import RunningProxy, running_proxy
+from tests.harness.apps import serving
 from tests.harness.certs import make_ca
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -337,20 +338,15 @@ async def test_model_lists_and_version_probes_carry_the_fleet_key_too():
 
     app = web.Application()
     app.router.add_get("/version", record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     upstream = build_upstream(load_config({"upstream_api_key": "fleet"}, env={}))
-    await upstream.start()
-    try:
-        url = f"http://127.0.0.1:{port}/version"
-        assert await upstream.get_json(url, 5.0) == {"version": "0.33.0"}
-        await upstream.get_json(url, 5.0, {"Authorization": "Bearer sk-client"})
-    finally:
-        await upstream.close()
-        await runner.cleanup()
+    async with serving(app) as base:
+        await upstream.start()
+        try:
+            url = base + "/version"
+            assert await upstream.get_json(url, 5.0) == {"version": "0.33.0"}
+            await upstream.get_json(url, 5.0, {"Authorization": "Bearer sk-client"})
+        finally:
+            await upstream.close()
     assert seen == ["Bearer fleet", "Bearer sk-client"]
 
 
