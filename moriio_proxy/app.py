@@ -29,6 +29,7 @@ from .metrics import CONTENT_TYPE, InstanceLoad, Metrics
 from .policies import LoadBound, PolicySettings, make_decode_policy, make_prefill_policy
 from .protocol import error_body
 from .registry import Entry, Registry
+from .security import AccessGuard, KeyLimits, KeyRing
 from .state import (
     ProxyState,
     build_access_log,
@@ -93,6 +94,8 @@ def create_app(
     # Only the source of truth asks instances for their version; a worker's mirror is
     # told by the supervisor.
     versions = VersionProbe(registry, upstream) if source.announce else None
+    keys = KeyRing(config.api_key, config.api_key_file)
+    limits = KeyLimits(config.max_inflight_per_key, config.rate_limit_per_key)
     proxy = ProxyState(
         config,
         registry,
@@ -103,6 +106,8 @@ def create_app(
         versions,
         access_log=build_access_log(config),
         tracing=tracing if tracing is not None else build_tracing(config),
+        keys=keys,
+        limits=limits,
     )
     app.extensions["moriio_proxy"] = proxy
     metrics.watch(lambda: [_load(e) for e in registry.entries()])
@@ -114,9 +119,18 @@ def create_app(
 
     app.before_serving(proxy.start)
     app.after_serving(proxy.stop)
-    # The generation routes bypass Quart (see completions.py); the rest is Quart's.
-    fallback = cast(ASGIApp, app.asgi_app)
-    app.asgi_app = CompletionsEndpoint(proxy, fallback)  # type: ignore[method-assign,assignment]
+    # The generation routes bypass Quart (see completions.py); the rest is Quart's, behind
+    # the one access check of every other path (security/guard.py).
+    keyed = {"/ready": config.ready_requires_key, "/metrics": config.metrics_requires_key}
+    guarded = AccessGuard(
+        cast(ASGIApp, app.asgi_app),
+        keys,
+        admin_token=config.admin_token,
+        allow_localhost=config.admin_allow_localhost,
+        keyed_paths=frozenset(path for path, wanted in keyed.items() if wanted),
+        max_head=config.max_header_bytes,
+    )
+    app.asgi_app = CompletionsEndpoint(proxy, guarded)  # type: ignore[method-assign,assignment]
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -159,13 +173,17 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 async def _models(proxy: ProxyState) -> Response:
     """The union of the models the routable instances serve (as vLLM lists them)."""
     entries = proxy.registry.healthy("P") + proxy.registry.healthy("D")
+    client_key = request.headers.get("Authorization")
+    forwarded: dict[str, str] | None = None
+    if proxy.config.upstream_auth == "passthrough" and client_key:
+        forwarded = {"Authorization": client_key}
     if not entries:
         return _json(error_body("no instance is registered", 503), 503)
 
     async def fetch(entry: Entry) -> list[dict[str, Any]]:
         try:
             payload = await proxy.upstream.get_json(
-                entry.instance.base_url + "/v1/models", _MODELS_TIMEOUT
+                entry.instance.base_url + "/v1/models", _MODELS_TIMEOUT, forwarded
             )
         except UpstreamError as exc:
             log.warning("listing models of %s failed: %s", entry.instance.http_address, exc)

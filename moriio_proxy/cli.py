@@ -75,12 +75,23 @@ def _addrun_proxy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     serve.add_argument("--config", metavar="FILE", help="YAML file of settings (and instances)")
     defaults = ProxyConfig()
     for option in OPTIONS:
+        help_text = option.help_line(getattr(defaults, option.name))
+        # Unset (None): the environment, the file or the default decides.
+        if option.switch:
+            serve.add_argument(
+                option.flag, dest=option.name, action="store_const", const=True, help=help_text
+            )
+            continue
+        # A repeated option takes one or more values, as often as given (--api-key A B
+        # --api-key C), which covers both ways vllm serve's --api-key is written.
         serve.add_argument(
             option.flag,
             dest=option.name,
-            default=None,  # unset: the environment, the file or the default decides
-            metavar=option.name.split("_")[-1].upper(),
-            help=option.help_line(getattr(defaults, option.name)),
+            default=None,
+            action="extend" if option.repeated else "store",
+            nargs="+" if option.repeated else None,
+            metavar=option.metavar or option.name.split("_")[-1].upper(),
+            help=help_text,
         )
 
 
@@ -153,6 +164,11 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seconds per prompt token not in the prefix cache (a rank computes one prompt "
         "at a time)",
     )
+    sim.add_argument(
+        "--ssl-certfile",
+        help="serve the OpenAI port over HTTPS with this certificate (PEM), as vLLM's flag",
+    )
+    sim.add_argument("--ssl-keyfile", help="private key (PEM) of --ssl-certfile")
     sim.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     sim.add_argument(
         "--num-gpu-blocks-override",
@@ -337,6 +353,14 @@ def run_loop(main: Coroutine[Any, Any, int], event_loop: str = "auto") -> int:
     return asyncio.run(main)
 
 
+def reload_on_sighup(reload: Callable[[], object]) -> None:
+    """SIGHUP reads the client keys file again (the usual daemon convention); requests in
+    flight are not touched. Where the loop takes no signal handlers (a thread), nothing."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, reload)
+
+
 def stop_event() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM, so shutdown is always the clean path."""
     stop = asyncio.Event()
@@ -359,15 +383,19 @@ async def run_proxy(
         from .state import require_tracing
 
         require_tracing()  # one clear line before any process starts, not one per worker
+    from .security import server_tls
+
+    tls = server_tls(config)  # a bad certificate is a one-line error before anything binds
     if config.workers > 1:
         return await _supervise(config, stop)
     from .app import create_app, state
-    from .server import bind_listener, serve
+    from .server import bind_listener, serve_configured
 
     try:
         app = create_app(config)
     except ImportError as exc:  # --discovery kubernetes without the k8s extra
         raise ConfigError(f"--discovery: {exc}") from None
+    reload_on_sighup(state(app).keys.reload)
     sock = bind_listener(config.host, config.port)
     try:
         await state(app).start()
@@ -386,7 +414,7 @@ async def run_proxy(
         proxy.drain()
 
     try:
-        await serve(app, sock, drain_then_stop, graceful_timeout=config.drain_timeout)
+        await serve_configured(app, sock, drain_then_stop, config, tls)
     finally:
         await state(app).stop()
         sock.close()
@@ -394,8 +422,10 @@ async def run_proxy(
 
 
 async def _supervise(config: ProxyConfig, stop: asyncio.Event) -> int:
+    from .security import KeyRing
     from .workers import Supervisor, WorkerStartError
 
+    KeyRing(config.api_key, config.api_key_file)  # a bad keys file fails before any worker
     try:
         supervisor = Supervisor(config, on_ready=lambda port: None)
     except ImportError as exc:  # --discovery kubernetes without the k8s extra
@@ -420,8 +450,9 @@ def _log_serving(
     )
     processes = f" with {workers} workers" if workers > 1 else ""
     log.info(
-        "moriio-proxy %s serving OpenAI on http://%s:%s%s (discovery: %s)",
+        "moriio-proxy %s serving OpenAI on %s://%s:%s%s (discovery: %s)",
         __version__,
+        "https" if config.certfile else "http",
         config.host,
         port,
         processes,
@@ -498,6 +529,8 @@ async def _sim(args: argparse.Namespace) -> int:
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         control_port=args.control_port,
         seed=args.seed,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
         faults=faults,
     )
     return await run_sim(config)

@@ -27,6 +27,7 @@ from .compat import timeout_after
 from .disagg import client_id
 from .protocol import Endpoint, RequestError, error_body, parse_client_request
 from .record import RequestRecord
+from .security import CHALLENGE, apply_max_tokens_limit, head_too_large, key_problem
 from .state import ProxyState
 
 log = logging.getLogger("moriio_proxy")
@@ -66,6 +67,11 @@ class CompletionsEndpoint:
         self.proxy = proxy
         self.fallback = fallback
         self._session_header = proxy.config.session_header.lower().encode("latin-1")
+        self._keys = proxy.keys if proxy.keys.enabled else None
+        self._limits = proxy.limits if proxy.limits.enabled else None
+        self._max_tokens = proxy.config.max_tokens_limit
+        self._max_head = proxy.config.max_header_bytes
+        self._passthrough = proxy.config.upstream_auth == "passthrough"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
@@ -80,10 +86,25 @@ class CompletionsEndpoint:
     async def _serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         proxy, metrics = self.proxy, self.proxy.metrics
-        request_id, length, session, traceparent = _headers(scope, self._session_header)
+        request_id, length, session, traceparent, authorization, head = _headers(
+            scope, self._session_header
+        )
         suffix = client_id(request_id)
         record = RequestRecord(endpoint, suffix, started)
         headers = [(b"x-request-id", suffix.encode())]
+        if head > self._max_head:
+            metrics.count_request(endpoint, "bad_request")
+            self._log(record, 431, "bad_request")
+            return await _send_error(send, 431, head_too_large(self._max_head), headers)
+        client: Any = None  # who the per-client limits count: the key, else the address
+        if self._keys is not None:
+            client = self._keys.match(authorization)
+            if client is None:
+                metrics.rejected.labels("unauthorized").inc()
+                self._log(record, 401, "unauthorized")
+                return await _send_error(
+                    send, 401, key_problem(authorization), [*headers, CHALLENGE]
+                )
         if proxy.draining:
             metrics.rejected.labels("draining").inc()
             self._log(record, 503, "draining")
@@ -98,7 +119,13 @@ class CompletionsEndpoint:
             raw = await _read_body(receive, length, proxy.config.max_body_bytes)
             if raw is None:
                 return  # the client left before its body arrived: nobody to answer
-            parsed = parse_client_request(endpoint, orjson.loads(raw))
+            parsed = parse_client_request(
+                endpoint,
+                orjson.loads(raw),
+                authorization=_text(authorization) if self._passthrough else None,
+            )
+            if self._max_tokens:
+                apply_max_tokens_limit(parsed.body, self._max_tokens)
         except _BodyError as exc:
             metrics.count_request(endpoint, "bad_request")
             self._log(record, exc.status, "bad_request")
@@ -113,12 +140,23 @@ class CompletionsEndpoint:
             self._log(record, 400, "bad_request")
             return await _send_error(send, 400, f"request body is not valid JSON: {exc}", headers)
 
+        limits = self._limits
+        if limits is not None:
+            if client is None:
+                client = (scope.get("client") or ("",))[0]
+            refused = limits.admit(client)
+            if refused is not None:
+                metrics.rejected.labels("client_limit").inc()
+                self._log(record, 429, "client_limit")
+                message, retry = refused
+                extra = [*headers, (b"retry-after", str(retry).encode())]
+                return await _send_error(send, 429, message, extra)
         record.stream = parsed.stream
         if proxy.tracing is not None:
             record.trace = proxy.tracing.request(endpoint, suffix, traceparent)
         watcher = _DisconnectWatcher(receive)
         try:
-            await self._answer(parsed, session, headers, record, send)
+            await self._answer(parsed, session, headers, record, send, client)
         finally:
             watcher.stop()
 
@@ -135,8 +173,9 @@ class CompletionsEndpoint:
         headers: list[tuple[bytes, bytes]],
         record: RequestRecord,
         send: Send,
+        client: Any,
     ) -> None:
-        proxy, metrics = self.proxy, self.proxy.metrics
+        proxy, metrics, limits = self.proxy, self.proxy.metrics, self._limits
         proxy.inflight += 1
         metrics.inflight.inc()
         finished = False
@@ -145,6 +184,8 @@ class CompletionsEndpoint:
             nonlocal finished
             if not finished:
                 finished = True
+                if limits is not None:
+                    limits.release(client)
                 proxy.inflight -= 1
                 metrics.inflight.dec()
                 metrics.count_request(record.endpoint, outcome)
@@ -246,14 +287,18 @@ class _DisconnectWatcher:
 
 def _headers(
     scope: Scope, session_header: bytes
-) -> tuple[str | None, int | None, str | None, str | None]:
-    """The client's X-Request-Id, Content-Length, session header and W3C traceparent, in
-    one pass."""
+) -> tuple[str | None, int | None, str | None, str | None, bytes | None, int]:
+    """The client's X-Request-Id, Content-Length, session header, W3C traceparent and
+    Authorization (raw: the key check compares bytes), and the head's size
+    (security.limits.head_size), in one pass."""
     request_id: str | None = None
     length: int | None = None
     session: str | None = None
     traceparent: str | None = None
+    authorization: bytes | None = None
+    size = len(scope["raw_path"]) + len(scope["query_string"])
     for name, value in scope["headers"]:
+        size += len(name) + len(value)
         if name == b"x-request-id":
             request_id = value.decode("latin-1")
         elif name == b"traceparent":
@@ -263,9 +308,15 @@ def _headers(
                 length = int(value)
             except ValueError:
                 length = None
+        elif name == b"authorization":
+            authorization = value
         elif name == session_header:
             session = value.decode("latin-1")
-    return request_id, length, session, traceparent
+    return request_id, length, session, traceparent, authorization, size
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
 
 
 async def _read_body(receive: Receive, length: int | None, limit: int) -> bytes | None:

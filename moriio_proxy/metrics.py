@@ -121,7 +121,8 @@ class Metrics:
         )
         self.rejected = Counter(
             "moriio_proxy_rejected_requests",
-            "Requests refused before routing, by reason (over_capacity, draining)",
+            "Requests refused before routing, by reason (over_capacity, draining, unauthorized, "
+            "client_limit)",
             ["reason"],
             registry=r,
         )

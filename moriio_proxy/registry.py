@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from blinker import Signal
@@ -76,8 +76,12 @@ class Registry:
         eject_after: int = 0,
         eject_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        https: bool = False,
     ) -> None:
         self.ttl = ttl
+        # --upstream-scheme https: every instance is reached over TLS (heartbeats carry no
+        # scheme); never a downgrade of a static instance listed with https://.
+        self.https = https
         self.pinned_mode = pinned_mode
         self.eject_after = eject_after
         self.eject_seconds = eject_seconds
@@ -98,6 +102,8 @@ class Registry:
 
     def upsert(self, instance: Instance, *, static: bool = False) -> UpsertResult:
         """Record a heartbeat; refuse an instance whose mode disagrees with the one in force."""
+        if self.https and instance.scheme != "https":
+            instance = replace(instance, scheme="https")
         mode = self.mode
         existing = self._entries.get(instance.key)
         alone = existing is not None and len(self._entries) == 1 and self.pinned_mode is None

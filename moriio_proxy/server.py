@@ -9,12 +9,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from quart import Quart
+
+from .config import ProxyConfig
+from .security.tls import ServerTls
 
 # Connections the kernel completes and queues while the event loop is busy elsewhere. A
 # full queue drops new connections' handshakes: a client then waits for SYN retransmits
@@ -67,8 +71,11 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]],
     *,
     graceful_timeout: float = 5.0,
+    tls: ServerTls | None = None,
+    max_header_bytes: int = 64 * 1024,
 ) -> None:
-    """Run Hypercorn on ``sock`` until ``shutdown_trigger`` returns."""
+    """Run Hypercorn on ``sock`` until ``shutdown_trigger`` returns; over TLS when ``tls``
+    is given (client certificates required when it names a CA)."""
     config = _Config()
     # Hypercorn takes ownership of (and closes) the descriptor it is given: hand it a dup.
     config.bind = [f"fd://{os.dup(sock.fileno())}"]
@@ -82,8 +89,36 @@ async def serve(
     # Hypercorn holds a closed client's socket until this idle timer ends, so a long one
     # piles up CLOSE-WAIT sockets under connection churn: keep its 5 s default.
     config.keep_alive_timeout = 5
-    config.h11_max_incomplete_size = 64 * 1024
+    # A request head larger than this is answered 431 by Hypercorn (h11) before the app
+    # sees it; HTTP/2 (TLS with ALPN h2) gets the same bound on its header list.
+    config.h11_max_incomplete_size = max_header_bytes
+    config.h2_max_header_list_size = max_header_bytes
+    if tls is not None:
+        config.certfile = tls.certfile
+        config.keyfile = tls.keyfile
+        if tls.ca_certs:
+            config.ca_certs = tls.ca_certs
+            config.verify_mode = ssl.CERT_REQUIRED
     await hypercorn_serve(app, config, shutdown_trigger=shutdown_trigger)
+
+
+async def serve_configured(
+    app: Quart,
+    sock: socket.socket,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    config: ProxyConfig,
+    tls: ServerTls | None,
+) -> None:
+    """``serve`` as a configured proxy (one process, or a worker) serves: in-flight requests
+    get --drain-timeout, request heads --max-header-bytes, TLS if configured."""
+    await serve(
+        app,
+        sock,
+        shutdown_trigger,
+        graceful_timeout=config.drain_timeout,
+        tls=tls,
+        max_header_bytes=config.max_header_bytes,
+    )
 
 
 def _error_log() -> logging.Logger:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .access_log import AccessLog
@@ -17,6 +17,7 @@ from .discovery import DiscoverySource
 from .metrics import Metrics
 from .protocol import Role
 from .registry import Registry
+from .security import KeyLimits, KeyRing, bearer, upstream_ssl_context
 from .upstream import Timeouts, Upstream
 from .version_probe import VersionProbe
 
@@ -36,6 +37,7 @@ def build_registry(config: ProxyConfig, clock: Callable[[], float] = time.monoto
         eject_after=config.eject_after,
         eject_seconds=config.eject_seconds,
         clock=clock,
+        https=config.upstream_scheme == "https",
     )
 
 
@@ -47,8 +49,19 @@ def build_upstream(config: ProxyConfig) -> Upstream:
             prefill=config.prefill_timeout,
             first_byte=config.decode_first_byte_timeout,
             idle=config.stream_idle_timeout,
-        )
+        ),
+        headers=upstream_headers(config),
+        ssl_context=upstream_ssl_context(config),
     )
+
+
+def upstream_headers(config: ProxyConfig) -> dict[str, str]:
+    """Headers every upstream call carries: the fleet key, when one is configured. With
+    ``--upstream-auth passthrough`` the client's own header rides on each leg instead
+    (protocol/legs.py); with neither, no Authorization header at all (never "Bearer None")."""
+    if config.upstream_auth == "none" or not config.upstream_api_key:
+        return {}
+    return {"Authorization": bearer(config.upstream_api_key).decode("ascii")}
 
 
 def build_access_log(config: ProxyConfig) -> AccessLog | None:
@@ -89,6 +102,8 @@ class ProxyState:
     # Asks each instance for its vLLM version; None in a worker of serve --workers N,
     # whose versions come with the supervisor's snapshots.
     versions: VersionProbe | None = None
+    keys: KeyRing = field(default_factory=KeyRing)
+    limits: KeyLimits = field(default_factory=KeyLimits)
     access_log: AccessLog | None = None
     tracing: Tracing | None = None  # only with --otlp-traces-endpoint
     draining: bool = False

@@ -14,10 +14,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# "moriio-proxy 0.1.0 serving OpenAI on http://HOST:PORT[ with N workers] (discovery: ...)",
+# "moriio-proxy 0.1.0 serving OpenAI on http[s]://HOST:PORT[ with N workers] (discovery: ...)",
 # where discovery is "tcp://HOST:PORT" or, with Kubernetes discovery, "pods ...".
 _SERVING = re.compile(
-    r"serving OpenAI on http://(?P<host>\S+?):(?P<port>\d+)(?: with (?P<workers>\d+) workers)?"
+    r"serving OpenAI on (?P<scheme>https?)://(?P<host>\S+?):(?P<port>\d+)"
+    r"(?: with (?P<workers>\d+) workers)?"
     r" \(discovery: (?:tcp://\S+?:(?P<discovery_port>\d+)|pods .*)\)"
 )
 # "moriio-proxy sim: role=P mode=READ url=... http_address=... zmq_address=...[ control=...]"
@@ -37,11 +38,12 @@ class Serving:
     port: int
     workers: int
     discovery_port: int | None  # None with Kubernetes discovery: it listens on nothing
+    scheme: str = "http"  # https with --certfile
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ def parse_serving(text: str) -> Serving | None:
         port=int(found["port"]),
         workers=int(found["workers"] or 1),
         discovery_port=int(discovery) if discovery is not None else None,
+        scheme=found["scheme"],
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -80,8 +81,17 @@ class Timeouts:
 class Upstream:
     """Owns the app's single ClientSession (created on startup, closed on shutdown)."""
 
-    def __init__(self, timeouts: Timeouts) -> None:
+    def __init__(
+        self,
+        timeouts: Timeouts,
+        *,
+        headers: dict[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.timeouts = timeouts
+        # Sent with every call (the session's default headers): the fleet key, built once.
+        self.headers = dict(headers or {})
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -89,9 +99,13 @@ class Upstream:
         # (all slots held by decodes waiting for prefills that cannot get a slot).
         # Idle pooled connections are dropped before vLLM's own keep-alive (uvicorn, 5 s)
         # closes them, so reuse rarely races a server-side close; _post covers the rest.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=3)
+        # ``ssl`` only applies to https:// instances (README: Security, TLS).
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, keepalive_timeout=3, ssl=self._ssl
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
+            headers=self.headers,
             read_bufsize=_READ_BUFSIZE,
             auto_decompress=True,
             raise_for_status=False,
@@ -108,11 +122,13 @@ class Upstream:
             raise RuntimeError("Upstream.start() has not run")
         return self._session
 
-    async def get_json(self, url: str, timeout: float) -> Any:
+    async def get_json(
+        self, url: str, timeout: float, headers: dict[str, str] | None = None
+    ) -> Any:
         """A small GET (model lists); the whole call bounded by ``timeout``."""
         client_timeout = aiohttp.ClientTimeout(total=timeout, connect=self.timeouts.connect)
         try:
-            async with self.session.get(url, timeout=client_timeout) as resp:
+            async with self.session.get(url, timeout=client_timeout, headers=headers) as resp:
                 return await _json_or_raise(resp, url)
         except aiohttp.ClientConnectionError as exc:
             raise _connection_error(exc, url) from None

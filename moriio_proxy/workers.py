@@ -119,6 +119,8 @@ class Supervisor:
                 registry.instance_removed,
             ):
                 signal_.connect(self._on_change, sender=self.registry, weak=False)
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._pass_sighup)
             for index in range(self.config.workers):
                 self._start_worker(index)
             tasks = [
@@ -147,6 +149,14 @@ class Supervisor:
             ctx.destroy(linger=0)
             shutil.rmtree(self._dir, ignore_errors=True)
         return 0
+
+    def _pass_sighup(self) -> None:
+        """SIGHUP (reload the client keys file) goes on to every worker that serves; one
+        still starting reads the file anyway, and has no handler yet to survive it."""
+        for index, process in self._workers.items():
+            if index in self._ready and process.pid is not None and process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
 
     def _on_change(self, *_: Any, **__: Any) -> None:
         self._changed.set()
@@ -259,10 +269,12 @@ def worker_main(config: ProxyConfig, port: int, snapshots: str, reports: str, in
 
 async def _worker(config: ProxyConfig, port: int, snapshots: str, reports: str, index: int) -> int:
     from .app import create_app, state
-    from .cli import stop_event
-    from .server import bind_listener, serve
+    from .cli import reload_on_sighup, stop_event
+    from .security import server_tls
+    from .server import bind_listener, serve_configured
 
     stop = stop_event()
+    tls = server_tls(config)
 
     def mirror(registry: Any, metrics: Metrics) -> MirrorSource:
         return MirrorSource(
@@ -277,6 +289,7 @@ async def _worker(config: ProxyConfig, port: int, snapshots: str, reports: str, 
     app = create_app(config, discovery=mirror)
     sock = bind_listener(config.host, port, reuse_port=True)
     proxy = state(app)
+    reload_on_sighup(proxy.keys.reload)  # before the first report marks this worker ready
     try:
         await proxy.start()
 
@@ -284,7 +297,7 @@ async def _worker(config: ProxyConfig, port: int, snapshots: str, reports: str, 
             await stop.wait()
             proxy.drain()
 
-        await serve(app, sock, drain_then_stop, graceful_timeout=config.drain_timeout)
+        await serve_configured(app, sock, drain_then_stop, config, tls)
     finally:
         await proxy.stop()
         sock.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import ssl
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -71,6 +73,24 @@ def add_parser(
         help=f"of the test completion (default {DEFAULT_PROMPT!r})",
     )
     parser.add_argument(
+        "--api-key",
+        default=os.environ.get("MORIIO_PROXY_API_KEY", "").split(",")[0] or None,
+        help="a client key of a proxy started with --api-key (default: the first of "
+        "MORIIO_PROXY_API_KEY, if set)",
+    )
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("MORIIO_PROXY_ADMIN_TOKEN") or None,
+        help="the token of a proxy started with --admin-token (default: "
+        "MORIIO_PROXY_ADMIN_TOKEN, if set)",
+    )
+    parser.add_argument(
+        "--cacert",
+        metavar="FILE",
+        help="CA certificate (PEM) an https:// proxy's certificate chains to (default: the "
+        "system's CAs)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print one JSON document instead of lines"
     )
     return parser
@@ -83,6 +103,12 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"moriio-proxy check: error: {exc}", file=sys.stderr)
         return 2
+    if args.cacert:
+        try:
+            ssl.create_default_context(cafile=args.cacert)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"moriio-proxy check: error: --cacert {args.cacert}: {exc}", file=sys.stderr)
+            return 2
     report = asyncio.run(
         run_check(
             url,
@@ -90,6 +116,9 @@ def main(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             max_tokens=args.max_tokens,
             prompt=args.prompt,
+            api_key=args.api_key,
+            admin_token=args.admin_token,
+            cafile=args.cacert,
         )
     )
     print(json.dumps(report.to_json(), indent=2) if args.json else report.to_text(), flush=True)

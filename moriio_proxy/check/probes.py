@@ -30,20 +30,37 @@ class Prober:
     """One session for all of a run's calls: to the proxy, and to each instance directly."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, url: str, timeout: float, instance_timeout: float
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        timeout: float,
+        instance_timeout: float,
+        *,
+        api_key: str | None = None,
+        admin_token: str | None = None,
     ) -> None:
         self.session = session
         self.url = url
         self.timeout = timeout
         self.instance_timeout = instance_timeout
+        # A proxy started with --api-key / --admin-token answers 401 without them; each
+        # goes only where it belongs (the admin token to /admin/*, the key elsewhere).
+        self._client = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._admin = {"Authorization": f"Bearer {admin_token}"} if admin_token else None
+
+    def _headers(self, path: str) -> dict[str, str] | None:
+        return self._admin if path.startswith("/admin") else self._client
 
     async def get(self, path: str) -> Answer:
         """GET a path of the proxy."""
-        return await call(self.session, "GET", self.url + path, self.timeout)
+        url = self.url + path
+        return await call(self.session, "GET", url, self.timeout, headers=self._headers(path))
 
     async def post(self, path: str, payload: dict[str, Any]) -> Answer:
         """POST JSON to a path of the proxy."""
-        return await call(self.session, "POST", self.url + path, self.timeout, payload)
+        return await call(
+            self.session, "POST", self.url + path, self.timeout, payload, self._headers(path)
+        )
 
     async def get_instance(self, base: str, path: str) -> Answer:
         """GET a path of an instance directly, with the shorter instance bound."""
@@ -56,6 +73,7 @@ async def call(
     url: str,
     timeout: float,
     payload: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Answer:
     """One bounded request; never raises for network trouble, it reports it."""
     started = time.monotonic()
@@ -64,6 +82,7 @@ async def call(
             method,
             url,
             json=payload,
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=timeout * _CONNECT_SHARE),
         ) as resp:
             text = await resp.text(errors="replace")

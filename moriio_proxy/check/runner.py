@@ -7,6 +7,7 @@ instances agree, whether each one answers, then one completion end to end and /r
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 import aiohttp
@@ -32,18 +33,32 @@ async def run_check(
     timeout: float = DEFAULT_TIMEOUT,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     prompt: str = DEFAULT_PROMPT,
+    api_key: str | None = None,
+    admin_token: str | None = None,
+    cafile: str | None = None,
 ) -> Report:
     """Check the deployment behind the proxy at ``url``; never raises for network trouble.
 
     ``url`` may be ``host:port``; it is normalised as on the command line (ValueError when
     it cannot be a URL). Every call is bounded by ``timeout`` (instances by at most
     ``INSTANCE_TIMEOUT``), so the whole check ends in a few timeouts at worst.
+    ``api_key``/``admin_token``: what a proxy started with --api-key/--admin-token needs;
+    ``cafile``: the CA an https:// proxy's certificate chains to (else the system's).
     """
     base = normalize_url(url)
     started = time.monotonic()
     results: list[CheckResult] = []
-    async with aiohttp.ClientSession(raise_for_status=False) as session:
-        prober = Prober(session, base, timeout, min(timeout, INSTANCE_TIMEOUT))
+    ssl_context = ssl.create_default_context(cafile=cafile) if cafile else True
+    connector = aiohttp.TCPConnector(ssl=ssl_context)
+    async with aiohttp.ClientSession(raise_for_status=False, connector=connector) as session:
+        prober = Prober(
+            session,
+            base,
+            timeout,
+            min(timeout, INSTANCE_TIMEOUT),
+            api_key=api_key,
+            admin_token=admin_token,
+        )
         reached = await _run(prober, results, model, max_tokens, prompt)
     return Report(base, results, time.monotonic() - started, aborted=not reached)
 

@@ -83,6 +83,7 @@ def encode_snapshot(
                 "dp_size": inst.dp_size,
                 "tp_size": inst.tp_size,
                 "transfer_mode": inst.transfer_mode,
+                "scheme": inst.scheme,
                 "static": entry.static,
                 "age": now - entry.first_seen,
                 "silence": now - entry.last_seen,

@@ -26,7 +26,7 @@ from .identifiers import (
     public_id,
     validate_dp_rank,
 )
-from .instance import ROLES, TRANSFER_MODES, Endpoint, Instance, Role, TransferMode
+from .instance import ROLES, TRANSFER_MODES, Endpoint, Instance, Role, Scheme, TransferMode
 from .legs import (
     Leg,
     build_decode_leg,
@@ -49,6 +49,7 @@ __all__ = [
     "RegistrationError",
     "RequestError",
     "Role",
+    "Scheme",
     "TransferMode",
     "bracket_host",
     "build_decode_leg",

@@ -88,10 +88,13 @@ def error_message(payload: Any) -> str | None:
 
 _ERROR_TYPES = {
     400: "BadRequestError",
+    401: "AuthenticationError",  # the names OpenAI's SDK gives these statuses
+    403: "PermissionDeniedError",
     404: "NotFoundError",
     405: "MethodNotAllowed",
     413: "RequestEntityTooLarge",
     429: "RateLimitError",
+    431: "RequestHeaderFieldsTooLarge",
     500: "InternalServerError",
     502: "BadGateway",
     503: "ServiceUnavailable",

@@ -27,9 +27,14 @@ class ClientRequest:
     stream: bool
     include_usage: bool
     model: str | None
+    # The client's own Authorization header, set only when it is forwarded to the
+    # instances (--upstream-auth passthrough): both legs carry it.
+    authorization: str | None = None
 
 
-def parse_client_request(endpoint: Endpoint, body: Any) -> ClientRequest:
+def parse_client_request(
+    endpoint: Endpoint, body: Any, *, authorization: str | None = None
+) -> ClientRequest:
     """Refuse what cannot safely become ONE prefill/decode pair.
 
     A list of prompts or ``n > 1`` would make several engine requests share one
@@ -76,6 +81,7 @@ def parse_client_request(endpoint: Endpoint, body: Any) -> ClientRequest:
         stream=bool(stream),
         include_usage=bool(options and options.get("include_usage")),
         model=model if isinstance(model, str) else None,
+        authorization=authorization,
     )
 
 

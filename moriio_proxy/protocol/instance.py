@@ -11,6 +11,7 @@ from .addresses import bracket_host, split_host_port
 Role = Literal["P", "D"]
 TransferMode = Literal["READ", "WRITE"]
 Endpoint = Literal["completions", "chat"]
+Scheme = Literal["http", "https"]
 
 ROLES: tuple[Role, ...] = ("P", "D")
 TRANSFER_MODES: tuple[TransferMode, ...] = ("READ", "WRITE")
@@ -28,6 +29,9 @@ class Instance:
     dp_size: int
     tp_size: int
     transfer_mode: TransferMode
+    # Not in vLLM's heartbeat: the proxy's --upstream-scheme, or a static instance's
+    # https:// request_address. The registry applies it (registry.py).
+    scheme: Scheme = "http"
 
     @property
     def key(self) -> tuple[Role, str]:
@@ -42,4 +46,4 @@ class Instance:
     def base_url(self) -> str:
         """Computed once per instance: every leg's URL starts with it."""
         host, port = split_host_port(self.http_address)
-        return f"http://{bracket_host(host)}:{port}"
+        return f"{self.scheme}://{bracket_host(host)}:{port}"

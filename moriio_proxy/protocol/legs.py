@@ -67,10 +67,18 @@ def build_prefill_leg(
         "remote_block_ids": None,
         **_peer_keys(decode),
     }
-    headers = {REQUEST_ID_HEADER: request_id}
+    headers = _headers(request, request_id)
     if prefill.dp_size > 1:
         headers[DP_RANK_HEADER] = str(validate_dp_rank(dp_rank, prefill.dp_size))
     return Leg(prefill.base_url + _path(request.endpoint), body, headers)
+
+
+def _headers(request: ClientRequest, request_id: str) -> dict[str, str]:
+    """Both legs' headers: the request id, and the client's key when it is passed through
+    (a fleet key is the upstream session's, docs/protocol.md is silent on either)."""
+    if request.authorization is None:
+        return {REQUEST_ID_HEADER: request_id}
+    return {REQUEST_ID_HEADER: request_id, "Authorization": request.authorization}
 
 
 def build_decode_leg(
@@ -97,7 +105,7 @@ def build_decode_leg(
     else:
         params = write_decode_params(prefill, transfer_id=transfer_id, dp_rank=dp_rank)
     body["kv_transfer_params"] = params
-    return Leg(decode.base_url + _path(request.endpoint), body, {REQUEST_ID_HEADER: request_id})
+    return Leg(decode.base_url + _path(request.endpoint), body, _headers(request, request_id))
 
 
 def read_decode_params(

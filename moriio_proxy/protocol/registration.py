@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .addresses import parse_port, parse_zmq_address, split_host_port
-from .instance import ROLES, TRANSFER_MODES, Instance, Role, TransferMode
+from .instance import ROLES, TRANSFER_MODES, Instance, Role, Scheme, TransferMode
 
 # Registration fields are small; anything larger is not a vLLM heartbeat.
 _MAX_FIELD_LEN = 512
@@ -49,7 +49,15 @@ def _parse_gen2(msg: Mapping[str, Any]) -> Instance:
         kv_host, handshake, notify = parse_zmq_address(zmq_address)
     except ValueError as exc:
         raise RegistrationError("bad_address", str(exc)) from None
-    return _instance(msg, msg["type"], http_address, kv_host, handshake, notify)
+    scheme = _scheme(msg.get("scheme", "http"))
+    return _instance(msg, msg["type"], http_address, kv_host, handshake, notify, scheme)
+
+
+def _scheme(value: Any) -> Scheme:
+    """vLLM sends no scheme; the workers' registry snapshots (discovery/mirror.py) do."""
+    if value in ("http", "https"):
+        return value  # type: ignore[no-any-return]
+    raise RegistrationError("bad_field", f"scheme must be http or https, got {value!r}")
 
 
 def _parse_gen1(msg: Mapping[str, Any]) -> Instance:
@@ -57,21 +65,28 @@ def _parse_gen1(msg: Mapping[str, Any]) -> Instance:
     if role not in ROLES:
         raise RegistrationError("bad_field", f"role must be 'P' or 'D', got {role!r}")
     url = _text(msg, "request_address")
-    match = re.fullmatch(r"(?:https?://)?(\[[^\]]+\]|[^/]+):(\d+)(?:/.*)?", url)
+    match = re.fullmatch(r"(?:(https?)://)?(\[[^\]]+\]|[^/]+):(\d+)(?:/.*)?", url)
     if match is None:
         raise RegistrationError("bad_address", f"bad request_address {url!r}")
-    host = match.group(1).strip("[]")
+    scheme: Scheme = "https" if match.group(1) == "https" else "http"
+    host = match.group(2).strip("[]")
     try:
-        port = parse_port(match.group(2), url)
+        port = parse_port(match.group(3), url)
         handshake = parse_port(msg.get("handshake_port"), "handshake_port")
         notify = parse_port(msg.get("notify_port"), "notify_port")
     except ValueError as exc:
         raise RegistrationError("bad_address", str(exc)) from None
-    return _instance(msg, role, f"{host}:{port}", host, handshake, notify)
+    return _instance(msg, role, f"{host}:{port}", host, handshake, notify, scheme)
 
 
 def _instance(
-    msg: Mapping[str, Any], role: Role, http_address: str, kv_host: str, handshake: int, notify: int
+    msg: Mapping[str, Any],
+    role: Role,
+    http_address: str,
+    kv_host: str,
+    handshake: int,
+    notify: int,
+    scheme: Scheme,
 ) -> Instance:
     """The Instance from one shape's addresses plus the fields both shapes carry alike
     (parallel sizes, transfer mode); those are checked last, so a bad address is the reason
@@ -85,6 +100,7 @@ def _instance(
         dp_size=_parallel(msg, "dp_size"),
         tp_size=_parallel(msg, "tp_size"),
         transfer_mode=_mode(msg),
+        scheme=scheme,
     )
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from dataclasses import asdict
 from typing import Any
 
@@ -44,7 +45,9 @@ class SimInstance:
         self._transport = Transport(config, tag)
         self._engine = EngineCore(config, self.stats, self._transport, tag, self._on_death)
         self._ledger = Ledger(config, self.stats, tag)
-        self._listener = HttpListener(config.host, config.port, tag, self._live)
+        self._listener = HttpListener(
+            config.host, config.port, tag, self._live, _server_ssl(config)
+        )
         self._server = OpenAIServer(config, self._engine, self._injector, self._ledger)
         self._control_routes = ControlRoutes(self._injector, self.stats_dict, self._sync_listener)
         self._control: ControlServer | None = None
@@ -62,7 +65,8 @@ class SimInstance:
     @property
     def url(self) -> str:
         """Base URL of the OpenAI server, e.g. ``http://127.0.0.1:PORT``."""
-        return f"http://{self._url_host}:{self.port}"
+        scheme = "https" if self.config.ssl_certfile else "http"
+        return f"{scheme}://{self._url_host}:{self.port}"
 
     @property
     def control_port(self) -> int | None:
@@ -313,3 +317,11 @@ async def run_sim(config: SimConfig) -> int:
         print(f"moriio-proxy sim: engine died: {inst.dead_reason}", flush=True)
         return 1
     return 0
+
+
+def _server_ssl(config: SimConfig) -> ssl.SSLContext | None:
+    if not config.ssl_certfile:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    return context

@@ -207,6 +207,10 @@ class SimConfig:
     # leaves open.
     control_port: int | None = None
     seed: int | None = None  # seeds SimFaults.probability draws, so runs repeat
+    # Serve the OpenAI port over TLS with this certificate and key (PEM), as a vLLM started
+    # with --ssl-certfile/--ssl-keyfile; the control port stays plain HTTP.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     faults: SimFaults = field(default_factory=SimFaults)  # initial faults (copied at init)
     # The vLLM release to behave as ("0.32" or "0.33"): GET /version, and each connector or
     # server behaviour that differs between them (the package docstring lists where).

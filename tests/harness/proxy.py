@@ -17,6 +17,7 @@ import aiohttp
 
 from moriio_proxy.app import create_app, state
 from moriio_proxy.config import load_config
+from moriio_proxy.security import server_tls
 from moriio_proxy.server import bind_listener, serve
 from moriio_proxy.sim import SimConfig, SimInstance
 from moriio_proxy.state import ProxyState
@@ -101,14 +102,25 @@ async def running_proxy(
     async def stopped() -> None:
         await stop.wait()
 
-    task = asyncio.create_task(serve(app, sock, stopped, graceful_timeout=1.0))
+    tls = server_tls(config)
+    task = asyncio.create_task(
+        serve(
+            app,
+            sock,
+            stopped,
+            graceful_timeout=1.0,
+            tls=tls,
+            max_header_bytes=config.max_header_bytes,
+        )
+    )
     running = RunningProxy(
-        url=f"http://127.0.0.1:{sock.getsockname()[1]}",
+        url=f"{'https' if tls else 'http'}://127.0.0.1:{sock.getsockname()[1]}",
         discovery=f"127.0.0.1:{proxy_state.discovery.bound_port}",
         state=proxy_state,
     )
     try:
-        await _wait_serving(running.url)
+        if tls is None:  # over TLS the caller's first request waits in the backlog instead
+            await _wait_serving(running.url)
         yield running
     finally:
         for sim in running.sims:

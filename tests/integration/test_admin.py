@@ -18,6 +18,10 @@ from tests.harness.proxy import start_sim
 
 MAX_TOKENS = 8
 
+# These tests exercise the actions, not the admin door (tests/integration/test_security.py):
+# the proxy lets its loopback clients in, as --admin-allow-localhost does.
+LOOPBACK = {"admin_allow_localhost": True}
+
 
 def decodes(sim: SimInstance) -> int:
     """Decode legs the simulated instance has seen."""
@@ -91,6 +95,7 @@ async def two_decodes(
 ) -> AsyncIterator[tuple[RunningProxy, SimInstance, SimInstance]]:
     """A proxy with one prefill and two decodes that take a while per token."""
     overrides.setdefault("decode_policy", "round_robin")
+    overrides.setdefault("admin_allow_localhost", True)  # see LOOPBACK
     async with running_proxy(**overrides) as proxy:
         await proxy.add_sim("P")
         d1 = await proxy.add_sim("D", token_latency=0.05)
@@ -176,7 +181,7 @@ async def test_eject_for_some_seconds(http: aiohttp.ClientSession):
 async def test_add_a_static_instance_at_run_time_and_serve_through_it(
     http: aiohttp.ClientSession,
 ):
-    async with running_proxy() as proxy:
+    async with running_proxy(**LOOPBACK) as proxy:
         await proxy.add_sim("P")
         await proxy.wait_registered(1, 0)
         decode = await start_sim("D", None)  # sends no heartbeat: only the API can add it
@@ -218,7 +223,7 @@ async def test_add_a_static_instance_at_run_time_and_serve_through_it(
 
 
 async def test_bad_admin_requests_are_clear_4xx_in_vllms_shape(http: aiohttp.ClientSession):
-    async with running_proxy() as proxy:
+    async with running_proxy(**LOOPBACK) as proxy:
         await proxy.add_sim("D")
         await proxy.wait_registered(0, 1)
         address = proxy.sims[0].http_address
@@ -243,7 +248,7 @@ async def test_bad_admin_requests_are_clear_4xx_in_vllms_shape(http: aiohttp.Cli
 
 
 async def test_ready_says_so_when_every_decode_drains(http: aiohttp.ClientSession):
-    async with running_proxy() as proxy:
+    async with running_proxy(**LOOPBACK) as proxy:
         await proxy.add_sim("P")
         decode = await proxy.add_sim("D")
         await proxy.wait_registered(1, 1)

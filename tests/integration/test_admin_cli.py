@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.harness import eventually, running_proxy
+from tests.harness.apps import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +30,7 @@ async def admin(*args: str, env: dict[str, str] | None = None) -> tuple[int, str
 
 
 async def test_drain_list_undrain_and_a_refusal_from_the_command_line():
-    async with running_proxy() as proxy:
+    async with running_proxy(admin_allow_localhost=True) as proxy:  # no --admin-token
         await proxy.add_sim("P")
         decode = await proxy.add_sim("D")
         await proxy.wait_registered(1, 1)
@@ -59,7 +60,7 @@ async def test_drain_list_undrain_and_a_refusal_from_the_command_line():
 
 
 async def test_the_profile_fan_out_from_the_command_line_names_what_failed():
-    async with running_proxy() as proxy:
+    async with running_proxy(admin_allow_localhost=True) as proxy:
         prefill = await proxy.add_sim("P", profiler=True)
         decode = await proxy.add_sim("D")
         await proxy.wait_registered(1, 1)
@@ -84,13 +85,7 @@ async def test_the_token_is_sent_as_a_bearer_header_from_the_flag_or_the_environ
 
     app = web.Application()
     app.router.add_get("/admin/instances", listing)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        url = f"http://127.0.0.1:{port}"
+    async with serving(app) as url:
         assert await admin(url, "--token", "s3cret", "list") == (
             0,
             "no instance registered (transfer mode unset)\n",
@@ -99,8 +94,6 @@ async def test_the_token_is_sent_as_a_bearer_header_from_the_flag_or_the_environ
         await admin(url, "list", env={"MORIIO_PROXY_ADMIN_TOKEN": "from-env"})
         await admin(url, "list", env={"MORIIO_PROXY_ADMIN_TOKEN": ""})
         assert seen == ["Bearer s3cret", "Bearer from-env", None]
-    finally:
-        await runner.cleanup()
 
     code, out, err = await admin(f"127.0.0.1:{dead_port}", "list")
     assert (code, out) == (1, "")
@@ -109,7 +102,7 @@ async def test_the_token_is_sent_as_a_bearer_header_from_the_flag_or_the_environ
 
 
 async def test_drain_wait_returns_once_the_instance_is_idle_or_says_it_is_still_busy():
-    async with running_proxy() as proxy:
+    async with running_proxy(admin_allow_localhost=True) as proxy:
         await proxy.add_sim("P")
         decode = await proxy.add_sim("D", token_latency=0.5)
         await proxy.wait_registered(1, 1)

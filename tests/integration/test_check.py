@@ -23,6 +23,7 @@ from moriio_proxy.cli import main as cli_main
 from moriio_proxy.protocol import Instance
 from moriio_proxy.sim import SimFaults
 from tests.harness import RunningProxy, running_proxy
+from tests.harness.apps import serving
 from tests.harness.contract import INSTANCE_KEYS
 from tests.harness.ports import unconnectable_port
 from tests.harness.waiting import PROMPTLY, STATE_TIMEOUT
@@ -245,14 +246,8 @@ async def test_a_malformed_instance_list_is_one_clear_fail_not_a_crash() -> None
     app = web.Application()
     for path in answers:
         app.router.add_get(path, handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
-    try:
-        report = await run_check(f"127.0.0.1:{port}", timeout=5)
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        report = await run_check(url, timeout=5)
     assert report.exit_code == 1
     instances = report.by_name("instances")
     assert instances.status == "FAIL"

@@ -43,14 +43,20 @@ def read_until(stream, pattern: str, proc: subprocess.Popen[str]) -> list[str]:
 
 
 def stop(proc: subprocess.Popen[str], sig: signal.Signals) -> str:
-    """Send ``sig``, return the rest of stderr; the process must exit 0."""
+    """Send ``sig``, return the rest of stderr; the process must exit 0.
+
+    The rest is read through ``proc.stderr`` itself: ``communicate()`` reads the pipe's
+    descriptor and would miss lines ``read_until``'s readline already buffered (a line
+    logged right after the one it waited for).
+    """
     proc.send_signal(sig)
     try:
-        _, rest = proc.communicate(timeout=30)
+        proc.wait(timeout=30)  # an idle serve logs a few lines: the pipe cannot fill
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    rest = proc.stderr.read()
     assert proc.returncode == 0, rest
     return rest
 

@@ -13,7 +13,7 @@ from tests.harness import running_proxy
 
 
 async def test_profiling_starts_and_stops_on_every_instance(http: aiohttp.ClientSession):
-    async with running_proxy() as proxy:
+    async with running_proxy(admin_allow_localhost=True) as proxy:  # no --admin-token
         prefill = await proxy.add_sim("P", profiler=True)
         decode = await proxy.add_sim("D", profiler=True)
         await proxy.wait_registered(1, 1)
@@ -43,7 +43,7 @@ async def test_profiling_starts_and_stops_on_every_instance(http: aiohttp.Client
 async def test_one_failing_instance_makes_it_a_502_with_the_detail(
     http: aiohttp.ClientSession, dead_port: int
 ):
-    async with running_proxy() as proxy:
+    async with running_proxy(admin_allow_localhost=True) as proxy:
         prefill = await proxy.add_sim("P", profiler=True)
         decode = await proxy.add_sim("D")  # started without a profiler: vLLM answers 404
         await proxy.wait_registered(1, 1)
@@ -82,7 +82,7 @@ async def test_an_instance_that_does_not_answer_in_time_is_reported(http: aiohtt
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with running_proxy() as proxy:
+        async with running_proxy(admin_allow_localhost=True) as proxy:
             prefill = await proxy.add_sim("P", profiler=True)
             await proxy.wait_registered(1, 0)
             entry = proxy.state.registry.get(("P", prefill.http_address))
@@ -107,7 +107,7 @@ async def test_an_instance_that_does_not_answer_in_time_is_reported(http: aiohtt
 async def test_profiling_with_nothing_registered_or_a_bad_timeout_is_refused(
     http: aiohttp.ClientSession,
 ):
-    async with running_proxy() as proxy:
+    async with running_proxy(admin_allow_localhost=True) as proxy:
         async with http.post(proxy.url + "/start_profile") as resp:
             assert resp.status == 503
             assert (await resp.json())["error"]["message"] == "no instance is registered"

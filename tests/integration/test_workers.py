@@ -193,7 +193,7 @@ async def states_everywhere(url: str, times: int = 8) -> set[tuple[tuple[str, st
 async def test_admin_actions_reach_the_supervisor_and_every_worker():
     """A drain received by one worker is applied by the supervisor and, through its
     snapshot, by every worker before the answer: no worker routes to the drained decode."""
-    async with fleet(2) as running:
+    async with fleet(2, "--admin-allow-localhost") as running:  # no --admin-token
         await running.add_sim("P")
         d1 = await running.add_sim("D")
         d2 = await running.add_sim("D")
@@ -234,7 +234,7 @@ async def test_admin_actions_reach_the_supervisor_and_every_worker():
 
 
 async def test_a_static_instance_added_through_a_worker_serves_from_every_worker():
-    async with fleet(2) as running:
+    async with fleet(2, "--admin-allow-localhost") as running:  # no --admin-token
         await running.add_sim("P")
         decode = await start_sim("D", None)  # no heartbeats: only the API can add it
         try:

@@ -19,8 +19,15 @@ from moriio_proxy.testing import Serving, parse_serving, parse_sim_started
         (ProxyConfig(host="0.0.0.0"), 10001, 36367, 4, Serving("0.0.0.0", 10001, 4, 36367)),
         (ProxyConfig(host="::"), 10001, 36367, 1, Serving("::", 10001, 1, 36367)),
         (ProxyConfig(discovery="kubernetes"), 10001, None, 2, Serving("0.0.0.0", 10001, 2, None)),
+        (
+            ProxyConfig(host="127.0.0.1", certfile="c.pem", keyfile="k.pem"),
+            8443,
+            25001,
+            1,
+            Serving("127.0.0.1", 8443, 1, 25001, scheme="https"),
+        ),
     ],
-    ids=["loopback", "workers", "ipv6", "kubernetes"],
+    ids=["loopback", "workers", "ipv6", "kubernetes", "tls"],
 )
 def test_the_serving_line_the_cli_logs_is_read_back(
     config: ProxyConfig,
@@ -39,6 +46,7 @@ def test_the_serving_line_the_cli_logs_is_read_back(
 def test_urls_are_bracketed_for_ipv6() -> None:
     assert Serving("::1", 8000, 1, None).url == "http://[::1]:8000"
     assert Serving("127.0.0.1", 8000, 1, None).url == "http://127.0.0.1:8000"
+    assert Serving("::1", 8443, 1, None, scheme="https").url == "https://[::1]:8443"
 
 
 def test_other_lines_are_not_announcements() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,8 +41,17 @@ def bound_port(site: web.TCPSite, port: int) -> int:
 class HttpListener:
     """An aiohttp runner whose TCP site comes and goes."""
 
-    def __init__(self, host: str, port: int, tag: str, live: Callable[[], bool]) -> None:
-        """``live()`` False (stopping, engine dead) freezes the listener as it is."""
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tag: str,
+        live: Callable[[], bool],
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``live()`` False (stopping, engine dead) freezes the listener as it is;
+        ``ssl_context`` serves HTTPS."""
+        self._ssl = ssl_context
         self._host = host
         self._port = port
         self._tag = tag
@@ -131,7 +141,9 @@ class HttpListener:
 
     def _new_site(self) -> web.TCPSite:
         assert self._runner is not None
-        return web.TCPSite(self._runner, self._host, self._port, backlog=BACKLOG)
+        return web.TCPSite(
+            self._runner, self._host, self._port, backlog=BACKLOG, ssl_context=self._ssl
+        )
 
     async def close_socket(self) -> None:
         """No new connections ("connection refused"); in-flight requests carry on."""

@@ -7,26 +7,38 @@ the flag, which the CLI prints before exiting with status 2.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from .policies import POLICIES
-from .protocol import Instance, RegistrationError, parse_registration
+from ..policies import POLICIES
+from ..protocol import Instance, RegistrationError, parse_registration
+from . import parsers
+from .options import ENV_PREFIX, Option, choice_option
+from .parsers import Network
+from .security import SECURITY_OPTIONS
 
-ENV_PREFIX = "MORIIO_PROXY_"
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+__all__ = [
+    "DEFAULT_DECODE_SELECTOR",
+    "DEFAULT_PREFILL_SELECTOR",
+    "ENV_PREFIX",
+    "OPTIONS",
+    "ConfigError",
+    "Network",
+    "Option",
+    "ProxyConfig",
+    "choice_option",
+    "load_config",
+]
+
 # The vLLM pods Kubernetes discovery watches, as deploy/kubernetes labels them. Defined
 # here, where the options are, and used as defaults by discovery.kubernetes.source.
 DEFAULT_PREFILL_SELECTOR = "moriio.io/role=prefill"
 DEFAULT_DECODE_SELECTOR = "moriio.io/role=decode"
-_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")  # an RFC 9110 token
 
 
 class ConfigError(ValueError):
@@ -71,167 +83,41 @@ class ProxyConfig:
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     access_log_format: Literal["text", "json", "off"] = "text"
     otlp_traces_endpoint: str = ""
+    # Security (README: Security). Secrets stay out of repr: a config printed in a log or a
+    # traceback must not carry them.
+    api_key: tuple[str, ...] = field(default=(), repr=False)
+    api_key_file: str = ""
+    ready_requires_key: bool = False
+    metrics_requires_key: bool = False
+    upstream_api_key: str = field(default="", repr=False)
+    upstream_auth: Literal["auto", "passthrough", "none"] = "auto"
+    admin_token: str = field(default="", repr=False)
+    admin_allow_localhost: bool = False
+    certfile: str = ""
+    keyfile: str = ""
+    ca_certs: str = ""
+    upstream_scheme: Literal["http", "https"] = "http"
+    upstream_ca_bundle: str = ""
+    upstream_client_cert: str = ""
+    upstream_client_key: str = ""
+    max_header_bytes: int = 64 * 1024
+    max_tokens_limit: int = 0
+    max_inflight_per_key: int = 0
+    rate_limit_per_key: float = 0.0
     static_instances: tuple[Instance, ...] = field(default=())
     # The settings a flag, a variable or the file set (the rest are defaults), so startup
     # can say where a default it fell back on puts the discovery port. Not part of the value.
     given: frozenset[str] = field(default=frozenset(), compare=False)
 
 
-# --------------------------------------------------------------------------- parsers
-
-
-def _number(text: Any) -> Any:
-    """Refuse YAML booleans, which ``int()``/``float()`` would turn into 1 or 0."""
-    if isinstance(text, bool):
-        raise ValueError("must be a number, not a boolean")
-    return text
-
-
-def _int(text: Any) -> int:
-    """An integer; a YAML float such as 80.5 is refused rather than truncated."""
-    text = _number(text)
-    if isinstance(text, float) and not text.is_integer():
-        raise ValueError("must be a whole number")
-    return int(text)
-
-
-def _positive_float(text: Any) -> float:
-    value = float(_number(text))
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError("must be a positive number of seconds")
-    return value
-
-
-def _non_negative_float(text: Any) -> float:
-    value = float(_number(text))
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a number of seconds, 0 or more")
-    return value
-
-
-def _port(text: Any) -> int:
-    value = _int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number from 0 to 65535")
-    return value
-
-
-def _non_negative_int(text: Any) -> int:
-    value = _int(text)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
-
-
-def _positive_int(text: Any) -> int:
-    value = _int(text)
-    if value < 1:
-        raise ValueError("must be 1 or more")
-    return value
-
-
-def _choice(*allowed: str) -> Callable[[Any], str]:
-    """One of ``allowed``, in any case, returned as spelled there (``read`` is READ)."""
-
-    def parse(text: Any) -> str:
-        value = str(text).strip()
-        lowered = {a.lower(): a for a in allowed}
-        if value.lower() not in lowered:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return lowered[value.lower()]
-
-    return parse
-
-
-def _ratio(text: Any) -> float:
-    value = float(_number(text))
-    if not value >= 1 or value == float("inf"):
-        raise ValueError("must be a number, 1 or more")
-    return value
-
-
-def _header_name(text: Any) -> str:
-    value = str(text).strip()
-    if not _HEADER_NAME_RE.fullmatch(value):
-        raise ValueError("must be an HTTP header name such as X-Session-ID")
-    return value
-
-
-def _networks(text: Any) -> tuple[Network, ...]:
-    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    try:
-        return tuple(ipaddress.ip_network(str(i).strip(), strict=False) for i in items if i)
-    except ValueError as exc:
-        raise ValueError(f"must be comma-separated networks like 10.0.0.0/8 ({exc})") from None
-
-
-def _text(text: Any) -> str:
-    if not isinstance(text, (str, int, float)) or isinstance(text, bool):
-        raise ValueError("must be a string")
-    return str(text).strip()
-
-
-def _host(text: Any) -> str:
-    value = str(text).strip()
-    if not value:
-        raise ValueError("must not be empty")
-    return value
-
-
-@dataclass(frozen=True)
-class Option:
-    """One setting: its flag, how to parse it, and what ``serve --help`` says of it.
-
-    ``choices``: the values a choice setting takes (any case; see ``choice_option``).
-    ``default_text``: the default in words, for a default whose value says nothing (an
-    empty string or list that the proxy fills in at run time).
-    """
-
-    name: str
-    parse: Callable[[Any], Any]
-    help: str
-    choices: tuple[str, ...] = ()
-    default_text: str = ""
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
-
-    def help_line(self, default: Any) -> str:
-        """The help text: what it does, the values it takes, its variable, its default."""
-        shown = self.default_text or _show(default)
-        if not shown:
-            raise ValueError(f"{self.flag}: the default needs default_text to be shown")
-        choices = f"; one of {', '.join(self.choices)} (any case)" if self.choices else ""
-        return f"{self.help}{choices} [env {self.env}] (default: {shown})"
-
-
-def choice_option(name: str, choices: tuple[str, ...], help: str) -> Option:
-    """A setting that takes one of ``choices``, in any case (``read`` is READ)."""
-    return Option(name, _choice(*choices), help, choices=choices)
-
-
-def _show(value: Any) -> str:
-    """A default as it would be typed: 300 for 300.0, lists comma-separated."""
-    if isinstance(value, tuple):
-        return ",".join(_show(v) for v in value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 OPTIONS: tuple[Option, ...] = (
-    Option("host", _host, "HTTP bind address"),
-    Option("port", _port, "HTTP port for OpenAI clients"),
-    Option("discovery_host", _host, "ZMQ ROUTER bind address for vLLM heartbeats"),
-    Option("discovery_port", _port, "ZMQ ROUTER port (vLLM's proxy_ping_port)"),
+    Option("host", parsers.host, "HTTP bind address"),
+    Option("port", parsers.port, "HTTP port for OpenAI clients"),
+    Option("discovery_host", parsers.host, "ZMQ ROUTER bind address for vLLM heartbeats"),
+    Option("discovery_port", parsers.port, "ZMQ ROUTER port (vLLM's proxy_ping_port)"),
     Option(
         "discovery_allow",
-        _networks,
+        parsers.networks,
         "comma-separated source networks allowed to register, e.g. 10.0.0.0/8",
         default_text="any",
     ),
@@ -243,19 +129,19 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "k8s_namespace",
-        _text,
+        parsers.string,
         "namespace of the vLLM pods",
         default_text="the proxy pod's own namespace",
     ),
-    Option("k8s_prefill_selector", _text, "label selector of prefill pods"),
-    Option("k8s_decode_selector", _text, "label selector of decode pods"),
+    Option("k8s_prefill_selector", parsers.string, "label selector of prefill pods"),
+    Option("k8s_decode_selector", parsers.string, "label selector of decode pods"),
     Option(
         "k8s_api_url",
-        _text,
+        parsers.string,
         "Kubernetes API URL",
         default_text="in-cluster config, else ~/.kube/config",
     ),
-    Option("instance_ttl", _positive_float, "seconds without a heartbeat before eviction"),
+    Option("instance_ttl", parsers.positive_float, "seconds without a heartbeat before eviction"),
     choice_option(
         "transfer_mode",
         ("auto", "READ", "WRITE"),
@@ -265,73 +151,83 @@ OPTIONS: tuple[Option, ...] = (
     choice_option("decode_policy", POLICIES, "how the decode instance is chosen"),
     Option(
         "balance_abs_threshold",
-        _non_negative_int,
+        parsers.non_negative_int,
         "cache_aware/session: the preferred target gives way to the least loaded when its "
         "in-flight legs exceed the least loaded's by more than this many (and by the ratio)",
     ),
     Option(
         "balance_rel_threshold",
-        _ratio,
+        parsers.ratio,
         "cache_aware/session: ...and are more than this many times the least loaded's",
     ),
     Option(
         "cache_block_chars",
-        _positive_int,
+        parsers.positive_int,
         "cache_aware: characters per indexed prompt block (4 bytes per token for token "
         "prompts); shorter prompts are not indexed",
     ),
     Option(
         "cache_max_blocks",
-        _positive_int,
+        parsers.positive_int,
         "cache_aware: prompt blocks remembered, least recently used evicted first "
         "(about 140 bytes each)",
     ),
     Option(
         "session_header",
-        _header_name,
+        parsers.header_name,
         "session: request header naming the session (else the body's 'user' field)",
     ),
-    Option("connect_timeout", _positive_float, "seconds to open an upstream connection"),
-    Option("prefill_timeout", _positive_float, "seconds for the whole prefill leg"),
+    Option("connect_timeout", parsers.positive_float, "seconds to open an upstream connection"),
+    Option("prefill_timeout", parsers.positive_float, "seconds for the whole prefill leg"),
     Option(
         "decode_first_byte_timeout",
-        _positive_float,
+        parsers.positive_float,
         "seconds until the decode leg's response starts",
     ),
-    Option("stream_idle_timeout", _positive_float, "seconds allowed between decode stream chunks"),
+    Option(
+        "stream_idle_timeout",
+        parsers.positive_float,
+        "seconds allowed between decode stream chunks",
+    ),
     Option(
         "request_timeout",
-        _positive_float,
+        parsers.positive_float,
         "end-to-end deadline of one request, from arrival to the stream's last byte",
     ),
     Option(
         "max_retries",
-        _non_negative_int,
+        parsers.non_negative_int,
         "retries on a fresh pair after an upstream failure, while no byte reached the client",
     ),
-    Option("retry_backoff", _non_negative_float, "first retry delay in seconds; doubles each time"),
+    Option(
+        "retry_backoff",
+        parsers.non_negative_float,
+        "first retry delay in seconds; doubles each time",
+    ),
     Option(
         "eject_after",
-        _non_negative_int,
+        parsers.non_negative_int,
         "consecutive failures (refused, 5xx, timeout) that take an instance out of rotation; "
         "0 disables",
     ),
-    Option("eject_seconds", _positive_float, "how long an ejected instance rests before a retry"),
+    Option(
+        "eject_seconds", parsers.positive_float, "how long an ejected instance rests before a retry"
+    ),
     Option(
         "max_inflight",
-        _non_negative_int,
+        parsers.non_negative_int,
         "requests served at once, per worker process with --workers N; more get 429; 0: unlimited",
     ),
     Option(
         "drain_timeout",
-        _non_negative_float,
+        parsers.non_negative_float,
         "seconds in-flight requests may take to finish after SIGTERM",
     ),
-    Option("max_body_bytes", _positive_int, "largest accepted request body"),
+    Option("max_body_bytes", parsers.positive_int, "largest accepted request body"),
     choice_option("log_level", ("debug", "info", "warning", "error", "critical"), "logging level"),
     Option(
         "workers",
-        _positive_int,
+        parsers.positive_int,
         "serving processes sharing the HTTP port (SO_REUSEPORT); discovery runs once and "
         "feeds them all; about one per core the proxy may use",
     ),
@@ -348,11 +244,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "otlp_traces_endpoint",
-        _text,
+        parsers.string,
         "OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces) to send a span per "
         "request, attempt and leg to; needs pip install 'moriio-proxy[otel]'",
         default_text="off",
     ),
+    *SECURITY_OPTIONS,
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -382,7 +279,24 @@ def load_config(
         values["static_instances"] = _static_instances(statics, config_file)
     known = {f.name for f in fields(ProxyConfig)}
     settings = {k: v for k, v in values.items() if k in known}
-    return ProxyConfig(**settings, given=frozenset(settings))
+    return _checked(ProxyConfig(**settings, given=frozenset(settings)))
+
+
+def _checked(config: ProxyConfig) -> ProxyConfig:
+    """Settings that only make sense together."""
+    if bool(config.certfile) != bool(config.keyfile):
+        raise ConfigError("--certfile and --keyfile go together: give both or neither")
+    if config.ca_certs and not config.certfile:
+        raise ConfigError("--ca-certs (client certificates) needs --certfile and --keyfile")
+    if bool(config.upstream_client_cert) != bool(config.upstream_client_key):
+        raise ConfigError(
+            "--upstream-client-cert and --upstream-client-key go together: give both or neither"
+        )
+    if config.upstream_auth == "passthrough" and config.upstream_api_key:
+        raise ConfigError(
+            "--upstream-auth passthrough forwards the client's key: drop --upstream-api-key"
+        )
+    return config
 
 
 def _parse(option: Option, raw: Any, where: str) -> Any:
@@ -392,7 +306,8 @@ def _parse(option: Option, raw: Any, where: str) -> Any:
         detail = str(exc)
         if "invalid literal" in detail or "could not convert" in detail:
             detail = "is not a number"
-        raise ConfigError(f"{where}: {detail} (got {raw!r})") from None
+        shown = "the value given" if option.secret else repr(raw)
+        raise ConfigError(f"{where}: {detail} (got {shown})") from None
 
 
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
