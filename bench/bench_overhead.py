@@ -46,7 +46,10 @@ from bench.overhead.workers import WorkerPool  # noqa: E402
 from bench.processes import StartError  # noqa: E402
 from moriio_proxy.protocol import TransferMode  # noqa: E402
 
-TARGETS = ("floor", "moriio-proxy", "vllm-router")
+TARGETS = ("floor", "moriio-proxy", "vllm-router", "moriio-proxy-2w")
+# Measured unless --targets says otherwise; moriio-proxy-2w (serve --workers 2) is asked for
+# by name: on a 2-core machine its two workers compete with the load generator.
+DEFAULT_TARGETS = TARGETS[:3]
 # (warm-up s, window s, rounds): 18 cells x 3 targets x 3 rounds of ~6.5 s = about 6 minutes
 DEFAULT_TIMES = (2.0, 4.0, 3)
 MAX_RESTARTS = 2  # per target and mode: relaunches after one of its processes exited
@@ -89,7 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="smoke run: defaults of {:g} s warm-up, {:g} s window, {} round".format(*QUICK_TIMES),
     )
-    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated")
+    parser.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help=f"comma-separated, of {', '.join(TARGETS)}",
+    )
     parser.add_argument("--prefills", type=int, default=1, help="simulated P per target")
     parser.add_argument("--decodes", type=int, default=2, help="simulated D per target")
     parser.add_argument("--loadgen-workers", type=int, default=2, help="load-generator processes")
@@ -172,6 +179,9 @@ def start_target(
         return start_floor(mode, logs, args.prefills, args.decodes)
     if name == "moriio-proxy":
         return start_moriio_proxy(mode, logs, args.prefills, args.decodes, args.proxy_arg)
+    if name == "moriio-proxy-2w":
+        extra = [*args.proxy_arg, "--workers", "2"]
+        return start_moriio_proxy(mode, logs, args.prefills, args.decodes, extra, name=name)
     assert router is not None
     return start_vllm_router(router, mode, logs, args.prefills, args.decodes)
 
