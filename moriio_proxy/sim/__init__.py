@@ -26,6 +26,7 @@ The parts, each mirroring vLLM's ``kv_connector/v1/moriio/`` and ``entrypoints/`
 * ``faults``: seeded fault draws and what a drawn fault does to a request.
 * ``heartbeat``: the discovery heartbeat map and loop.
 * ``instance``: SimInstance composing these; ``run_sim``.
+* ``command``: ``moriio-proxy sim``'s arguments, turned into a ``SimConfig`` and run.
 
 Versions. ``SimConfig.vllm_version`` ("0.32" or "0.33", default the newest) is read where
 the two differ, each a decision in one function: ``GET /version`` (``api.server``); the

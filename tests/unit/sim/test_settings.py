@@ -8,8 +8,9 @@ import math
 
 import pytest
 
-from moriio_proxy import cli
+from moriio_proxy.cli import build_parser
 from moriio_proxy.sim import SimConfig, SimFaults, SimInstance
+from moriio_proxy.sim import command as sim_command
 
 
 def test_sim_faults_validation() -> None:
@@ -23,16 +24,14 @@ def test_sim_faults_validation() -> None:
 
 
 async def test_cli_flags_map_to_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    import moriio_proxy.sim as sim_module
-
     seen: list[SimConfig] = []
 
     async def fake_run_sim(config: SimConfig) -> int:
         seen.append(config)
         return 0
 
-    monkeypatch.setattr(sim_module, "run_sim", fake_run_sim)
-    args = cli.build_parser().parse_args(
+    monkeypatch.setattr(sim_command, "run_sim", fake_run_sim)
+    args = build_parser().parse_args(
         [
             "sim",
             "--role",
@@ -51,11 +50,12 @@ async def test_cli_flags_map_to_config(monkeypatch: pytest.MonkeyPatch) -> None:
             "0",
             "--seed",
             "11",
+            "--profiler",
         ]
     )
-    assert await cli._sim(args) == 0
+    assert await sim_command.run(args) == 0
     cfg = seen[0]
-    assert cfg.control_port == 0 and cfg.seed == 11
+    assert cfg.control_port == 0 and cfg.seed == 11 and cfg.profiler
     assert cfg.faults == SimFaults(
         status=503,
         die_after_tokens=4,
@@ -65,7 +65,7 @@ async def test_cli_flags_map_to_config(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     bad = argparse.Namespace(**dict(vars(args), stall_after_tokens="2"))
     with pytest.raises(ValueError, match="K:S"):
-        await cli._sim(bad)
+        await sim_command.run(bad)
 
 
 @pytest.mark.parametrize(
