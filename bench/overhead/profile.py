@@ -66,10 +66,15 @@ def _frame(text: str) -> str:
 
 def summarize(raw: Path, top: int) -> dict[str, Any]:
     """Top ``top`` functions by own samples, with their total samples, from a raw file."""
+    return summarize_text(raw.read_text(errors="replace"), top)
+
+
+def summarize_text(text: str, top: int) -> dict[str, Any]:
+    """``summarize`` of a raw profile's text."""
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
     samples = 0
-    for line in raw.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
