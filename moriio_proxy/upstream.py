@@ -127,13 +127,9 @@ class Upstream:
     ) -> Any:
         """A small GET (model lists); the whole call bounded by ``timeout``."""
         client_timeout = aiohttp.ClientTimeout(total=timeout, connect=self.timeouts.connect)
-        try:
+        with _Failures(url, "did not answer", timeout):
             async with self.session.get(url, timeout=client_timeout, headers=headers) as resp:
                 return await _json_or_raise(resp, url)
-        except aiohttp.ClientConnectionError as exc:
-            raise _connection_error(exc, url) from None
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout(f"{url} did not answer within {timeout:g}s", url=url) from None
 
     async def _post(self, leg: Leg, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
         """POST and return the response head. A pooled connection the server had already
@@ -155,18 +151,12 @@ class Upstream:
         client_timeout = aiohttp.ClientTimeout(
             total=timeout, connect=self.timeouts.connect, sock_connect=self.timeouts.connect
         )
-        try:
+        with _Failures(leg.url, "did not answer", timeout):
             resp = await self._post(leg, client_timeout)
             try:
                 return await _read_or_raise(resp, leg.url)
             finally:
                 resp.release()
-        except aiohttp.ClientConnectionError as exc:
-            raise _connection_error(exc, leg.url) from None
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout(
-                f"{leg.url} did not answer within {timeout:g}s", url=leg.url
-            ) from None
 
     async def post_json(
         self, leg: Leg, limit: float, deadline: float | None = None
@@ -188,15 +178,9 @@ class Upstream:
             sock_read=None,
         )
         limit = _limit(self.timeouts.first_byte, deadline)
-        try:
+        with _Failures(leg.url, "sent no response", limit):
             async with timeout_after(limit):
                 resp = await self._post(leg, client_timeout)
-        except aiohttp.ClientConnectionError as exc:
-            raise _connection_error(exc, leg.url) from None
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout(
-                f"{leg.url} sent no response within {limit:g}s", url=leg.url
-            ) from None
         if resp.status != 200:
             try:
                 await _read_or_raise(resp, leg.url)
@@ -345,6 +329,31 @@ def _stale_connection(exc: aiohttp.ClientError) -> bool:
         and not isinstance(exc, aiohttp.ClientConnectorError)
         and exc.errno in (errno.ECONNRESET, errno.EPIPE)
     )
+
+
+class _Failures:
+    """Turns what aiohttp and the clock raise during one call into the ``UpstreamError``
+    the callers classify: a connection failure by its kind, a timeout with what did not
+    happen within how long. A class rather than a generator context manager: it runs for
+    every leg, and this costs no generator per call."""
+
+    __slots__ = ("missing", "seconds", "url")
+
+    def __init__(self, url: str, missing: str, seconds: float) -> None:
+        self.url = url
+        self.missing = missing  # what did not happen in time: "did not answer", ...
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
+        if isinstance(exc, aiohttp.ClientConnectionError):
+            raise _connection_error(exc, self.url) from None
+        if isinstance(exc, asyncio.TimeoutError):
+            raise UpstreamTimeout(
+                f"{self.url} {self.missing} within {self.seconds:g}s", url=self.url
+            ) from None
 
 
 def _connection_error(exc: aiohttp.ClientConnectionError, url: str) -> UpstreamError:
