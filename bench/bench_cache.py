@@ -88,10 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="ARG",
         help="extra vllm-router argument (repeatable), e.g. --router-arg=--cache-threshold=0.5",
     )
-    parser.add_argument("--out", type=Path, help="results folder (default: a new scratch one)")
-    parser.add_argument(
-        "--update", action="store_true", help="also write bench/results/cache.{json,md}"
-    )
+    options.add_results_options(parser, "cache")
     args = parser.parse_args(argv)
     vllm_router.check_arguments(parser, args)
     options.check_out(parser, args.out)

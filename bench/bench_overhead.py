@@ -116,12 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the profiled cell (first mode), stream:C or non-stream:C",
     )
     parser.add_argument("--profile-top", type=int, default=25, help="functions listed")
-    parser.add_argument("--out", type=Path, help="results folder (default: a new scratch one)")
-    parser.add_argument(
-        "--update",
-        action="store_true",
-        help="also write the committed bench/results/overhead.{json,md}",
-    )
+    options.add_results_options(parser, "overhead")
     args = parser.parse_args(argv)
     vllm_router.check_arguments(parser, args)
     options.check_out(parser, args.out)

@@ -86,10 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="ARG",
         help="extra moriio-proxy serve argument (repeatable), e.g. --proxy-arg=--log-level=warning",
     )
-    parser.add_argument("--out", type=Path, help="results folder (default: a new scratch one)")
-    parser.add_argument(
-        "--update", action="store_true", help="also write bench/results/streams.{json,md}"
-    )
+    options.add_results_options(parser, "streams")
     args = parser.parse_args(argv)
     options.check_out(parser, args.out)
     args.phase_list = [p.strip() for p in args.phases.split(",") if p.strip()]

@@ -38,6 +38,16 @@ def check_file(parser: argparse.ArgumentParser, option: str, value: str, suffix:
     return path
 
 
+def add_results_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--out`` and ``--update``, as every benchmark that writes ``results/<name>.*`` has them."""
+    parser.add_argument("--out", type=Path, help="results folder (default: a new scratch one)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help=f"also write the committed bench/results/{name}.{{json,md}}",
+    )
+
+
 def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
     """``--out``: a folder, made now (it is where the results go) if it is not there."""
     if out is None:
