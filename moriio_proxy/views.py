@@ -85,6 +85,9 @@ class InstanceView(JsonView):
     # Why the proxy pairs it with no live instance of the other role (TP sizes, versions:
     # docs/protocol.md §8.2, §10), or None when some pair works or there is no peer.
     unpaired: str | None = None
+    # How the proxy reaches it: "https" under --upstream-scheme https or for a static
+    # instance listed with https://; "http" from proxies that predate the field.
+    scheme: str = "http"
 
 
 @dataclass(frozen=True)

@@ -135,4 +135,5 @@ def describe(proxy: ProxyState, entry: Entry, live: dict[str, list[Entry]]) -> I
         inflight_by_dp_rank=inflight[: inst.dp_size],
         vllm_version=entry.vllm_version,
         unpaired=unpaired_reason(entry, peers, registry.mode or inst.transfer_mode),
+        scheme=inst.scheme,
     )

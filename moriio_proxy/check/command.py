@@ -87,8 +87,8 @@ def add_parser(
     parser.add_argument(
         "--cacert",
         metavar="FILE",
-        help="CA certificate (PEM) an https:// proxy's certificate chains to (default: the "
-        "system's CAs)",
+        help="CA certificate (PEM) an https:// proxy's certificate, and https instances', "
+        "chain to (default: the system's CAs)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON document instead of lines"

@@ -154,10 +154,11 @@ def normalize_url(text: str) -> str:
     return f"{parts.scheme}://{netloc}{path}"
 
 
-def instance_url(http_address: str) -> str | None:
-    """The base URL of an instance's server; None when its address is not HOST:PORT."""
+def instance_url(http_address: str, scheme: str = "http") -> str | None:
+    """The base URL of an instance's server, reached the way the proxy reaches it; None
+    when its address is not HOST:PORT."""
     try:
         host, port = split_host_port(http_address)
     except ValueError:
         return None
-    return f"http://{bracket_host(host)}:{port}"
+    return f"{scheme}://{bracket_host(host)}:{port}"

@@ -43,7 +43,8 @@ async def run_check(
     it cannot be a URL). Every call is bounded by ``timeout`` (instances by at most
     ``INSTANCE_TIMEOUT``), so the whole check ends in a few timeouts at worst.
     ``api_key``/``admin_token``: what a proxy started with --api-key/--admin-token needs;
-    ``cafile``: the CA an https:// proxy's certificate chains to (else the system's).
+    ``cafile``: the CA an https:// proxy's certificate, and https instances', chain to
+    (else the system's).
     """
     base = normalize_url(url)
     started = time.monotonic()
@@ -113,7 +114,7 @@ async def _run(
 
 async def _probe(prober: Prober, view: InstanceView) -> tuple[CheckResult, Answer | None]:
     """GET the instance's /health and /v1/models directly; its verdict and the model list."""
-    base = instance_url(view.http_address)
+    base = instance_url(view.http_address, view.scheme)
     if base is None:
         return verdicts.unaddressable(view), None
     health, models = await asyncio.gather(

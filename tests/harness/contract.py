@@ -21,4 +21,5 @@ INSTANCE_KEYS = [
     "inflight_by_dp_rank",
     "vllm_version",
     "unpaired",
+    "scheme",
 ]

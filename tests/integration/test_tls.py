@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from moriio_proxy.check import run_check
 from moriio_proxy.config import ConfigError, load_config
 from moriio_proxy.protocol import parse_registration
 from moriio_proxy.security import server_tls, upstream_ssl_context
@@ -84,7 +85,14 @@ async def test_https_instances_through_a_ca_bundle(ca: Authority, mode: str):
                     assert expected_text(PROMPT, 4) in text
             async with http.get(p.url + "/v1/models") as resp:
                 assert resp.status == 200
+            async with http.get(p.url + "/admin/instances") as resp:
+                listed = (await resp.json())["instances"]
+            assert {i["scheme"] for i in listed} == {"https"}
         assert len([leg for s in p.sims for leg in s.legs]) == 4
+        # check reaches the instances as the proxy does: over TLS, through the same CA
+        report = await run_check(p.url, timeout=10, cafile=ca.ca)
+        reached = [r for r in report.results if r.name.startswith("reach ")]
+        assert len(reached) == 2 and {r.status for r in reached} == {"OK"}, report.results
 
 
 async def test_an_https_instance_the_bundle_does_not_vouch_for_is_not_used(

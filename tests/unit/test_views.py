@@ -34,6 +34,7 @@ def instance(**changes: Any) -> dict[str, Any]:
         "inflight_by_dp_rank": [1, 2],
         "vllm_version": "0.33.0",
         "unpaired": None,
+        "scheme": "http",
     }
     doc.update(changes)
     return doc

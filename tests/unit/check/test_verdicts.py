@@ -337,6 +337,10 @@ def test_unaddressable_instance() -> None:
     assert result.message == "its http_address is not HOST:PORT"
 
 
+def test_an_https_instance_is_probed_over_https() -> None:
+    assert instance_url("10.0.0.2:8100", "https") == "https://10.0.0.2:8100"
+
+
 @pytest.mark.parametrize(
     ("address", "url"),
     [
