@@ -101,13 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decodes", type=int, default=2, help="simulated D per target")
     parser.add_argument("--loadgen-workers", type=int, default=2, help="load-generator processes")
     vllm_router.add_arguments(parser)
-    parser.add_argument(
-        "--proxy-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra moriio-proxy serve argument (repeatable), e.g. --proxy-arg=--log-level=warning",
-    )
+    options.add_proxy_arg(parser)
     parser.add_argument("--profile", action="store_true", help="py-spy one cell of moriio-proxy")
     parser.add_argument(
         "--profile-cell",

@@ -79,13 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="proxy --workers: a worker holds two descriptors per stream",
     )
     slow.add_argument("--slow-decodes", type=int, default=4, help="simulated D")
-    parser.add_argument(
-        "--proxy-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra moriio-proxy serve argument (repeatable), e.g. --proxy-arg=--log-level=warning",
-    )
+    options.add_proxy_arg(parser)
     options.add_results_options(parser, "streams")
     args = parser.parse_args(argv)
     options.check_out(parser, args.out)

@@ -48,6 +48,17 @@ def add_results_options(parser: argparse.ArgumentParser, name: str) -> None:
     )
 
 
+def add_proxy_arg(parser: argparse.ArgumentParser) -> None:
+    """``--proxy-arg``: extra ``moriio-proxy serve`` arguments for the proxy under test."""
+    parser.add_argument(
+        "--proxy-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra moriio-proxy serve argument (repeatable), e.g. --proxy-arg=--log-level=warning",
+    )
+
+
 def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
     """``--out``: a folder, made now (it is where the results go) if it is not there."""
     if out is None:

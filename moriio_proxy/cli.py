@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"moriio-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _addrun_proxy(sub)
+    _add_serve(sub)
     sim_command.add_parser(sub, _HelpFormatter)
     _add_demo(sub)
     check_command.add_parser(sub)
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _addrun_proxy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the proxy",
